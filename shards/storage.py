@@ -1,0 +1,178 @@
+"""fsspec access to local paths and object storage (s3:// through s3fs).
+
+Every stage reads and writes through these helpers: URLs are joined as strings (never
+os.path on a URL), writes are atomic (a temporary name, then a rename or one whole
+upload), and failures of the store itself (unreachable endpoint, missing bucket, bad
+credentials) become one :class:`StorageError` naming the URL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import uuid
+from typing import Iterator
+
+import fsspec
+
+from pipeline.errors import StorageError
+
+log = logging.getLogger(__name__)
+
+# Large sequential reads from s3fs: a bigger block size with the read-ahead cache.
+S3_READ_OPTIONS = {"block_size": 16 * 2**20, "cache_type": "readahead"}
+
+
+def is_remote(url: str) -> bool:
+    return "://" in url and not url.startswith("file://")
+
+
+def join(url: str, *parts: str) -> str:
+    out = url.rstrip("/")
+    for p in parts:
+        p = str(p).strip("/")
+        if p:
+            out = f"{out}/{p}"
+    return out
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and the path inside it for a URL or local path."""
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as e:
+        raise StorageError(f"cannot open storage URL {url!r}: {e}") from None
+    return fs, path
+
+
+def _describe(url: str, e: BaseException) -> StorageError:
+    hint = ""
+    if url.startswith("s3://"):
+        hint = (
+            " Check the endpoint (AWS_ENDPOINT_URL), the bucket name and the credentials "
+            "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)."
+        )
+    return StorageError(f"storage error at {url!r}: {type(e).__name__}: {e}.{hint}")
+
+
+@contextlib.contextmanager
+def storage_errors(url: str) -> Iterator[None]:
+    """Turn the store's own exceptions into one StorageError naming the URL."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except FileNotFoundError:
+        raise
+    except (OSError, PermissionError, ConnectionError, TimeoutError) as e:
+        raise _describe(url, e) from None
+    except Exception as e:  # botocore / aiohttp errors do not share a base class with OSError
+        mod = type(e).__module__
+        if mod.startswith(("botocore", "aiobotocore", "aiohttp", "s3fs")):
+            raise _describe(url, e) from None
+        raise
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    with storage_errors(url):
+        return fs.exists(path)
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = filesystem(url)
+    with storage_errors(url):
+        with fs.open(path, "rb") as f:
+            return f.read()
+
+
+def read_text(url: str) -> str:
+    return read_bytes(url).decode("utf-8")
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """Write a whole object atomically: a local file goes to a temporary name and is renamed;
+    an object-store upload is a single PUT that either completes or leaves nothing."""
+    fs, path = filesystem(url)
+    with storage_errors(url):
+        if is_remote(url):
+            fs.pipe_file(path, data)
+            return
+        parent = os.path.dirname(path)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def write_text(url: str, text: str) -> None:
+    write_bytes(url, text.encode("utf-8"))
+
+
+def put_file(local_path: str, url: str) -> None:
+    """Commit a finished local file to ``url`` (rename locally, one upload remotely)."""
+    fs, path = filesystem(url)
+    with storage_errors(url):
+        if is_remote(url):
+            fs.put_file(local_path, path)
+            os.remove(local_path)
+        else:
+            parent = os.path.dirname(path)
+            if parent:
+                os.makedirs(parent, exist_ok=True)
+            os.replace(local_path, path)
+
+
+def listdir(url: str) -> list[str]:
+    """Names (not full paths) of the entries directly under ``url``; [] when it does not exist."""
+    fs, path = filesystem(url)
+    with storage_errors(url):
+        if not fs.exists(path):
+            return []
+        return sorted(os.path.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+
+
+def remove(url: str) -> None:
+    fs, path = filesystem(url)
+    with storage_errors(url):
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+
+
+def open_read(url: str):
+    """A readable binary file object (streaming, with read-ahead on s3)."""
+    fs, path = filesystem(url)
+    with storage_errors(url):
+        if url.startswith("s3://"):
+            return fs.open(path, "rb", **S3_READ_OPTIONS)
+        return fs.open(path, "rb")
+
+
+def check_writable(url: str) -> None:
+    """Fail early, before any work, when ``url`` cannot be written (bucket, credentials, endpoint)."""
+    probe = join(url, f".write-probe-{uuid.uuid4().hex[:8]}")
+    write_bytes(probe, b"ok")
+    remove(probe)
+
+
+def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
+    if mode.startswith("r"):
+        return open_read(url)
+    fs, path = filesystem(url)
+    return fs.open(path, mode)
+
+
+def register_webdataset_schemes() -> None:
+    """Let webdataset open s3:// URLs through s3fs (call at import time of modules that stream)."""
+    import webdataset.gopen as gopen
+
+    gopen.gopen_schemes["s3"] = _gopen_fsspec
