@@ -1,0 +1,126 @@
+"""The exported projector: a folder that is all a downstream user needs.
+
+    projector.safetensors   projector weights (fp32)
+    centers.safetensors     per-level centers of normal residuals
+    spec.json               backbone (name, levels, weights source, normalisation, grid),
+                            projector hyper-parameters, provenance
+
+:func:`load_feature_extractor` turns such a folder into an object that maps images (and
+a few normal reference images of the same product) to raw, residual or projected features.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.config import BackboneSpec, ProjectorSpec
+from pipeline.errors import UserError
+
+SPEC_FILE = "spec.json"
+PROJECTOR_FILE = "projector.safetensors"
+CENTERS_FILE = "centers.safetensors"
+FORMAT = 1
+
+
+def save_export(folder: str, projector_state: dict[str, torch.Tensor], centers: list[torch.Tensor],
+                backbone, backbone_spec: BackboneSpec, projector_spec: ProjectorSpec, provenance: dict) -> str:
+    os.makedirs(folder, exist_ok=True)
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in projector_state.items()},
+              os.path.join(folder, PROJECTOR_FILE))
+    save_file({f"level{i}": c.detach().float().cpu().contiguous() for i, c in enumerate(centers)},
+              os.path.join(folder, CENTERS_FILE))
+    spec = {
+        "format": FORMAT,
+        "backbone": backbone_spec.model_dump(mode="json"),
+        "backbone_id": backbone.id,
+        "widths": list(backbone.widths),
+        "grid": backbone.grid,
+        "image_size": backbone.image_size,
+        "mean": list(backbone.mean),
+        "std": list(backbone.std),
+        "random_weights": bool(backbone.random_weights),
+        "weights": backbone.weights_desc,
+        "weights_sha256": backbone.weights_sha256,
+        "projector": projector_spec.model_dump(mode="json"),
+        "provenance": provenance,
+    }
+    tmp = os.path.join(folder, SPEC_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(spec, f, indent=2, sort_keys=True)
+    os.replace(tmp, os.path.join(folder, SPEC_FILE))
+    return folder
+
+
+def read_spec(folder: str) -> dict:
+    path = os.path.join(folder, SPEC_FILE)
+    if not os.path.isfile(path):
+        raise UserError(f"{folder!r} is not an exported projector: {SPEC_FILE} is missing")
+    with open(path) as f:
+        spec = json.load(f)
+    if spec.get("format") != FORMAT:
+        raise UserError(f"{path}: export format {spec.get('format')!r} is not supported (expected {FORMAT})")
+    return spec
+
+
+@dataclass
+class ADFeatures:
+    """Frozen backbone + residual matching + projector, for downstream use.
+
+    ``images`` and ``refs`` are float tensors (N, 3, S, S) in [0, 1] at the backbone's
+    image size (see pipeline.transforms.image_to_tensor). Outputs are per level (N, C, h, w).
+    """
+
+    backbone: torch.nn.Module
+    projector: torch.nn.Module
+    centers: list[torch.Tensor]
+    spec: dict
+    match_chunk: int = 4096
+
+    def _encode(self, x01: torch.Tensor) -> list[torch.Tensor]:
+        from pipeline.transforms import normalize
+
+        return self.backbone(normalize(x01, self.backbone.mean, self.backbone.std))
+
+    def bank(self, refs: torch.Tensor) -> list[torch.Tensor]:
+        """Reference bank per level, (1, K*h*w, C), from K normal reference images."""
+        return [f.permute(0, 2, 3, 1).reshape(1, -1, f.shape[1]) for f in self._encode(refs)]
+
+    @torch.no_grad()
+    def raw(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return self._encode(images)
+
+    @torch.no_grad()
+    def residual(self, images: torch.Tensor, bank: list[torch.Tensor]) -> list[torch.Tensor]:
+        from pipeline.residual import match_residual
+
+        return [match_residual(f, b, self.match_chunk) for f, b in zip(self._encode(images), bank)]
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor, refs: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
+        """Projected residual features (the pretrained representation)."""
+        bank = self.bank(refs) if isinstance(refs, torch.Tensor) else refs
+        return self.projector(self.residual(images, bank))
+
+
+def load_feature_extractor(folder: str, device: str = "cpu") -> ADFeatures:
+    from pipeline.backbone import build_backbone
+    from pipeline.projector import Projector
+
+    spec = read_spec(folder)
+    backbone = build_backbone(BackboneSpec.model_validate(spec["backbone"])).to(device)
+    if spec.get("weights_sha256") and backbone.weights_sha256 and spec["weights_sha256"] != backbone.weights_sha256:
+        raise UserError(
+            f"{folder}: the projector was trained on backbone weights {spec['weights_sha256'][:12]} but the "
+            f"weights found here are {backbone.weights_sha256[:12]}; use the same weights file"
+        )
+    projector = Projector.from_spec(spec["widths"], ProjectorSpec.model_validate(spec["projector"]))
+    projector.load_state_dict(load_file(os.path.join(folder, PROJECTOR_FILE)))
+    projector.eval().to(device)
+    c = load_file(os.path.join(folder, CENTERS_FILE))
+    centers = [c[f"level{i}"] for i in range(len(c))]
+    return ADFeatures(backbone, projector, centers, spec)

@@ -1,0 +1,144 @@
+"""The pretraining driver: stages it needs, Ray Train fit, export, MLflow registration.
+
+Used by ``adpretrain pretrain`` and by ``launch/pretrain.py`` (``ray job submit``). It joins
+the running Ray cluster when there is one (RAY_ADDRESS / ray.address), else starts a local one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+from dataclasses import dataclass, field
+
+from pipeline.config import Config
+from pipeline.errors import UserError
+from shards import storage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PretrainResult:
+    run_id: str
+    export_dir: str
+    model_name: str
+    model_version: str
+    checkpoint: str
+    steps: int
+    metrics: dict = field(default_factory=dict)
+    tracking_uri: str = ""
+
+    def describe(self) -> str:
+        loss = self.metrics.get("loss")
+        return "\n".join([
+            f"pretraining finished: {self.steps} steps" + (f", final loss {loss:.4f}" if loss is not None else ""),
+            f"  checkpoint      {self.checkpoint}",
+            f"  exported model  {self.export_dir}",
+            f"  MLflow run      {self.run_id} ({self.tracking_uri})",
+            f"  registered      models:/{self.model_name}/{self.model_version}",
+        ])
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _storage_path(url: str) -> str:
+    return url if storage.is_remote(url) else os.path.abspath(url)
+
+
+def run_dir(cfg: Config) -> str:
+    return os.path.abspath(os.path.join(cfg.workdir, cfg.name))
+
+
+def pretrain(cfg: Config, parent_run_id: str | None = None) -> PretrainResult:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from safetensors.torch import load_file
+
+    from pipeline.backbone import build_backbone
+    from pipeline.export import save_export
+    from pipeline.rayctx import init_ray
+    from pipeline.residual import load_centers
+    from pipeline.stages import centers_url, compute_centers
+    from pipeline.tracking import RunTracker, ensure_store
+    from pipeline.train import PROJECTOR_FILE, train_loop
+    from shards.build import read_manifest
+
+    if cfg.train.use_gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("train.use_gpu is true but this machine has no CUDA GPU; set train.use_gpu=false")
+    ensure_store(cfg.tracking)
+    storage.check_writable(_storage_path(cfg.train.storage))
+    read_manifest(cfg.shards.url)  # a clear error when the shards are missing
+    manifest_sha = hashlib.sha256(storage.read_bytes(storage.join(cfg.shards.url, "manifest.json"))).hexdigest()
+
+    backbone = build_backbone(cfg.backbone)
+    compute_centers(cfg, progress=True, backbone=backbone)  # builds the reference bank first if missing
+    centers, _ = load_centers(centers_url(cfg, backbone.id))
+
+    tags = {
+        "git_commit": _git_commit(),
+        "data.manifest_sha256": manifest_sha,
+        "backbone.id": backbone.id,
+        "backbone.weights": backbone.weights_desc,
+        "backbone.weights_sha256": backbone.weights_sha256 or "none",
+        "world_size": str(cfg.train.num_workers),
+    }
+    if backbone.random_weights:
+        tags["warning"] = "RANDOM WEIGHTS: the backbone is not pretrained"
+    tracker = RunTracker.start(cfg.tracking, cfg, run_name=cfg.name, tags=tags, parent_run_id=parent_run_id)
+
+    init_ray(cfg.ray)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg.to_dict(), "run_id": tracker.run_id},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.train.num_workers,
+            use_gpu=cfg.train.use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})},
+        ),
+        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=_storage_path(cfg.train.storage),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        tracker.end("FAILED")
+        raise UserError(f"pretraining run {cfg.name!r} failed: {e}") from e
+    if result.checkpoint is None:
+        tracker.end("FAILED")
+        raise UserError(f"pretraining run {cfg.name!r} produced no checkpoint")
+
+    export_dir = os.path.join(run_dir(cfg), "export")
+    with result.checkpoint.as_directory() as d:
+        state = load_file(os.path.join(d, PROJECTOR_FILE))
+    provenance = {"run_id": tracker.run_id, "checkpoint": result.checkpoint.path, **tags}
+    save_export(export_dir, state, centers, backbone, cfg.backbone, cfg.projector, provenance)
+    version = tracker.log_model(export_dir, cfg.tracking.model_name,
+                                tags={"run_id": tracker.run_id, "data.manifest_sha256": tags["data.manifest_sha256"]})
+    tracker.end("FINISHED")
+    return PretrainResult(
+        run_id=tracker.run_id,
+        export_dir=export_dir,
+        model_name=cfg.tracking.model_name,
+        model_version=str(version),
+        checkpoint=result.checkpoint.path,
+        steps=int(result.metrics.get("step", cfg.train.steps)) if result.metrics else cfg.train.steps,
+        metrics=dict(result.metrics or {}),
+        tracking_uri=cfg.tracking.uri,
+    )
