@@ -1,0 +1,255 @@
+"""The two pretraining losses (METHOD.md section 4), chunked and multi-rank.
+
+Angle loss: z = normalise(e - mu) for both views (2N vectors); for every patch,
+``loss_i = s+_i / tau`` subtracted from ``logsumexp_j(z_i . z_j / tau)`` over its negatives
+(every patch of the other label, both views, all ranks); mean over all 2N patches of the
+global batch. The logsumexp is streamed over blocks of ``chunk_size`` rows x ``chunk_size``
+negatives by a custom autograd function that recomputes each block in the backward pass,
+so neither pass ever holds the N_normal x N_abnormal similarity matrix: peak memory is
+O(chunk_size^2) for the blocks plus O(N x C) for the features.
+
+Norm loss: a = sqrt(||e|| + 1) - 1; radius from the (global) minimum over abnormal patches;
+weighted softplus penalties per group, each group's mean over the global batch, an empty
+group contributing 0.
+
+Multi-rank: a loss runs distributed if and only if ``group`` is a process group (pass
+``torch.distributed.group.WORLD`` for the default one); ``group=None`` is one process, even
+when torch.distributed is initialised. Every rank passes its LOCAL patches. Negatives are
+gathered from all ranks with gradient (the gradient of a gathered feature is summed back
+to the rank that owns it), means divide by global counts, and the norm radius uses the
+global minimum. Each rank gets its SHARE of the loss: the sum of the shares over ranks is
+the single-process loss on the concatenated batch, and the per-rank parameter gradients
+sum to the single-process gradient. Ranks may hold different numbers of patches.
+
+All arithmetic runs in float32 (float64 when the inputs are float64), with autocast off.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+import torch.nn.functional as F
+from torch import Tensor
+
+ProcessGroup = dist.ProcessGroup
+
+
+def reduce_sum(t: Tensor, group: ProcessGroup | None = None) -> Tensor:
+    """Sum of a (detached) tensor over the ranks of ``group``; the tensor itself when None."""
+    out = t.detach().clone()
+    if group is not None:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    return out
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _as_bool(labels: Tensor, n: int, name: str) -> Tensor:
+    """Flatten labels to (n,) bool (True = abnormal); accepts bool or 0/1 values."""
+    if labels.numel() != n:
+        raise ValueError(f"{name} has {labels.numel()} entries but the features have {n} patches")
+    y = labels.reshape(-1)
+    if y.dtype == torch.bool:
+        return y
+    if not bool(((y == 0) | (y == 1)).all()):
+        raise ValueError(f"{name} must be bool or 0/1 (True/1 = abnormal); got other values")
+    return y != 0
+
+
+def _gather_sizes(n: int, device: torch.device, group: ProcessGroup) -> list[int]:
+    size = torch.tensor([n], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, size, group=group)
+    return [int(s) for s in sizes]
+
+
+def _pad_rows(x: Tensor, rows: int) -> Tensor:
+    if x.shape[0] == rows:
+        return x
+    return torch.cat([x, x.new_zeros((rows - x.shape[0],) + tuple(x.shape[1:]))])
+
+
+def _gather_rows(z: Tensor, labels: Tensor, group: ProcessGroup) -> tuple[Tensor, Tensor]:
+    """Every rank's rows of ``z`` (with gradient to their owners) and labels, in rank order."""
+    sizes = _gather_sizes(z.shape[0], z.device, group)
+    m = max(sizes)
+    parts = dist_nn.all_gather(_pad_rows(z, m), group=group)
+    label_parts = [torch.zeros(m, dtype=torch.uint8, device=z.device) for _ in sizes]
+    dist.all_gather(label_parts, _pad_rows(labels.to(torch.uint8), m), group=group)
+    zg = torch.cat([p[:s] for p, s in zip(parts, sizes)])
+    yg = torch.cat([p[:s] for p, s in zip(label_parts, sizes)]).bool()
+    return zg, yg
+
+
+class _StreamedLogSumExp(torch.autograd.Function):
+    """lse_i = log sum_j exp(q_i . k_j * inv_tau), streamed over (chunk x chunk) blocks.
+
+    The backward pass recomputes each block from q, k and the saved lse, so memory stays
+    O(chunk^2) beyond the inputs in both passes.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, inv_tau: float, chunk: int) -> Tensor:  # type: ignore[override]
+        lse = torch.empty(q.shape[0], dtype=q.dtype, device=q.device)
+        with torch.autocast(q.device.type, enabled=False):
+            for r0 in range(0, q.shape[0], chunk):
+                qb = q[r0 : r0 + chunk]
+                acc = torch.full((qb.shape[0],), float("-inf"), dtype=q.dtype, device=q.device)
+                for c0 in range(0, k.shape[0], chunk):
+                    s = torch.mm(qb, k[c0 : c0 + chunk].T).mul_(inv_tau)
+                    acc = torch.logaddexp(acc, torch.logsumexp(s, dim=1))
+                    del s
+                lse[r0 : r0 + chunk] = acc
+        ctx.save_for_backward(q, k, lse)
+        ctx.inv_tau, ctx.chunk = inv_tau, chunk
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:  # type: ignore[override]
+        q, k, lse = ctx.saved_tensors
+        inv_tau, chunk = ctx.inv_tau, ctx.chunk
+        dq = torch.zeros_like(q)
+        dk = torch.zeros_like(k)
+        scale = grad.to(q.dtype) * inv_tau
+        with torch.autocast(q.device.type, enabled=False):
+            for r0 in range(0, q.shape[0], chunk):
+                qb, lb, gb = q[r0 : r0 + chunk], lse[r0 : r0 + chunk, None], scale[r0 : r0 + chunk, None]
+                dqb = dq[r0 : r0 + chunk]
+                for c0 in range(0, k.shape[0], chunk):
+                    kb = k[c0 : c0 + chunk]
+                    # p_ij = softmax weight of negative j for row i, times the row's upstream gradient / tau
+                    p = torch.mm(qb, kb.T).mul_(inv_tau).sub_(lb).exp_().mul_(gb)
+                    dqb.addmm_(p, kb)
+                    dk[c0 : c0 + chunk].addmm_(p.T, qb)
+                    del p
+        return dq, dk, None, None
+
+
+def angle_loss(
+    e1: Tensor,
+    e2: Tensor,
+    labels: Tensor,
+    center: Tensor,
+    tau: float = 0.15,
+    chunk_size: int = 4096,
+    group: ProcessGroup | None = None,
+) -> Tensor:
+    """Angle-oriented contrastive loss of one level (this rank's share; see the module doc).
+
+    e1, e2: (N, C) projected residual features of the two views, same patch order;
+    labels: (N,) bool or 0/1, True = abnormal; center: (C,) the level's normal center.
+    Raises ValueError when the (global) batch has no abnormal or no normal patch.
+    """
+    if e1.dim() != 2 or e1.shape != e2.shape:
+        raise ValueError(f"angle_loss: e1 and e2 must both be (N, C); got {tuple(e1.shape)} and {tuple(e2.shape)}")
+    if center.shape != (e1.shape[1],):
+        raise ValueError(f"angle_loss: center must be ({e1.shape[1]},), got {tuple(center.shape)}")
+    if chunk_size < 1 or tau <= 0:
+        raise ValueError(f"angle_loss: chunk_size ({chunk_size}) and tau ({tau}) must be positive")
+    y = _as_bool(labels, e1.shape[0], "angle_loss labels")
+    dtype = _compute_dtype(e1)
+    inv_tau = 1.0 / tau
+    with torch.autocast(e1.device.type, enabled=False):
+        mu = center.to(dtype)
+        z1 = F.normalize(e1.to(dtype) - mu, dim=1)
+        z2 = F.normalize(e2.to(dtype) - mu, dim=1)
+        z = torch.cat([z1, z2])
+        y2 = torch.cat([y, y])
+        qn, qa = z[~y2], z[y2]
+        if group is None:
+            kn, ka = qn, qa
+            total = z.shape[0]
+        else:
+            zg, yg = _gather_rows(z, y2, group)
+            kn, ka = zg[~yg], zg[yg]
+            total = zg.shape[0]
+        if ka.shape[0] == 0:
+            raise ValueError(
+                "angle_loss: the batch has no abnormal patch, so normal patches have no negatives; "
+                "every batch must hold anomalies (mix normal and abnormal streams)"
+            )
+        if kn.shape[0] == 0:
+            raise ValueError("angle_loss: the batch has no normal patch, so abnormal patches have no negatives")
+        lse = _StreamedLogSumExp.apply(qn, ka, inv_tau, chunk_size).sum()
+        lse = lse + _StreamedLogSumExp.apply(qa, kn, inv_tau, chunk_size).sum()
+        # each positive pair appears twice: once as a row of view 1, once as a row of view 2
+        pos = (z1 * z2).sum()
+        return (lse - 2.0 * inv_tau * pos) / total
+
+
+def norm_loss(e: Tensor, labels: Tensor, group: ProcessGroup | None = None) -> Tensor:
+    """Norm-oriented contrastive loss of one view of one level (this rank's share).
+
+    e: (N, C) projected residual features (not centred); labels: (N,) bool or 0/1.
+    The radius r_max is a constant (no gradient), as are the weights w.
+    """
+    if e.dim() != 2:
+        raise ValueError(f"norm_loss: e must be (N, C), got {tuple(e.shape)}")
+    y = _as_bool(labels, e.shape[0], "norm_loss labels")
+    dtype = _compute_dtype(e)
+    with torch.autocast(e.device.type, enabled=False):
+        a = torch.sqrt(e.to(dtype).norm(dim=1) + 1) - 1
+        ad = a.detach()
+        amin = torch.cat([ad[y], ad.new_tensor([float("inf")])]).min()  # +inf when no abnormal patch
+        if group is not None:
+            dist.all_reduce(amin, op=dist.ReduceOp.MIN, group=group)
+        r_max = torch.clamp(0.9 * amin, max=0.4)
+        r_min = 0.99 * r_max
+        bound = r_max + 0.75
+        groups = [
+            (~y & (ad > r_max), a - r_max),  # normal patches outside the sphere
+            (~y & (ad < r_min), r_min - a),  # normal patches too close to the center
+            (y & (ad < bound), bound - a),  # abnormal patches inside the margin
+        ]
+        sums, counts = [], []
+        for mask, gap in groups:
+            d = gap[mask]
+            sums.append((torch.exp(d.detach()) * F.softplus(d)).sum())
+            counts.append(mask.sum())
+        count = torch.stack(counts).to(dtype)
+        if group is not None:
+            dist.all_reduce(count, op=dist.ReduceOp.SUM, group=group)
+        return (torch.stack(sums) / count.clamp(min=1)).sum()
+
+
+def _flat(f: Tensor) -> Tensor:
+    """(B, C, h, w) -> (B*h*w, C), patches in (image, row, column) order."""
+    return f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
+
+
+def adpretrain_loss(
+    feats1: list[Tensor],
+    feats2: list[Tensor],
+    angle_labels: list[Tensor],
+    norm_labels: list[Tensor],
+    centers: list[Tensor],
+    tau: float,
+    chunk_size: int,
+    group: ProcessGroup | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Total loss = sum over levels of angle + norm(view 1) + norm(view 2) (this rank's share).
+
+    feats: per level (B, C_l, h, w); labels: per level (B, h, w); centers: per level (C_l,).
+    Returns the total and detached per-level parts "angle/l{i}", "norm1/l{i}", "norm2/l{i}".
+    """
+    n = len(feats1)
+    if not n or any(len(x) != n for x in (feats2, angle_labels, norm_labels, centers)):
+        raise ValueError(
+            "adpretrain_loss: feats1, feats2, angle_labels, norm_labels and centers need one entry per level; "
+            f"got {[len(x) for x in (feats1, feats2, angle_labels, norm_labels, centers)]}"
+        )
+    levels: list[Tensor] = []
+    parts: dict[str, Tensor] = {}
+    for i, (f1, f2, ya, yn, mu) in enumerate(zip(feats1, feats2, angle_labels, norm_labels, centers)):
+        if f1.shape != f2.shape or f1.dim() != 4:
+            raise ValueError(f"level {i}: both views must be (B, C, h, w); got {tuple(f1.shape)}, {tuple(f2.shape)}")
+        e1, e2 = _flat(f1), _flat(f2)
+        la = angle_loss(e1, e2, ya, mu, tau=tau, chunk_size=chunk_size, group=group)
+        n1 = norm_loss(e1, yn, group=group)
+        n2 = norm_loss(e2, yn, group=group)
+        parts[f"angle/l{i}"], parts[f"norm1/l{i}"], parts[f"norm2/l{i}"] = la.detach(), n1.detach(), n2.detach()
+        levels.append(la + n1 + n2)
+    return torch.stack(levels).sum(), parts
