@@ -8,6 +8,7 @@ credentials) become one :class:`StorageError` naming the URL.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -87,6 +88,37 @@ def read_bytes(url: str) -> bytes:
             return f.read()
 
 
+def read_many(urls: list[str]) -> list[bytes | FileNotFoundError]:
+    """Contents of several objects of one store, fetched concurrently on async stores (s3).
+
+    A missing object gives FileNotFoundError in its place; any other failure of the store
+    raises StorageError.
+    """
+    if not urls:
+        return []
+    fs, _ = filesystem(urls[0])
+    paths = [filesystem(u)[1] for u in urls]
+    with storage_errors(urls[0]):
+        if getattr(fs, "async_impl", False):
+            from fsspec.asyn import sync
+
+            async def fetch_all() -> list:
+                return await asyncio.gather(*(fs._cat_file(p) for p in paths), return_exceptions=True)
+
+            got = sync(fs.loop, fetch_all)
+        else:
+            got = []
+            for p in paths:
+                try:
+                    got.append(fs.cat_file(p))
+                except FileNotFoundError as e:
+                    got.append(e)
+        for url, g in zip(urls, got):
+            if isinstance(g, BaseException) and not isinstance(g, FileNotFoundError):
+                raise _describe(url, g) if not isinstance(g, StorageError) else g
+    return got
+
+
 def read_text(url: str) -> str:
     return read_bytes(url).decode("utf-8")
 
@@ -141,6 +173,21 @@ def listdir(url: str) -> list[str]:
         return sorted(os.path.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
 
 
+def list_sizes(url: str) -> dict[str, int]:
+    """Name -> size of the files directly under ``url``; {} when it does not exist."""
+    fs, path = filesystem(url)
+    with storage_errors(url):
+        try:
+            entries = fs.ls(path, detail=True)
+        except FileNotFoundError:
+            return {}
+    return {
+        os.path.basename(e["name"].rstrip("/")): int(e.get("size") or 0)
+        for e in entries
+        if e.get("type") == "file"
+    }
+
+
 def remove(url: str) -> None:
     fs, path = filesystem(url)
     with storage_errors(url):
@@ -160,7 +207,12 @@ def open_read(url: str):
 def check_writable(url: str) -> None:
     """Fail early, before any work, when ``url`` cannot be written (bucket, credentials, endpoint)."""
     probe = join(url, f".write-probe-{uuid.uuid4().hex[:8]}")
-    write_bytes(probe, b"ok")
+    try:
+        write_bytes(probe, b"ok")
+    except FileNotFoundError as e:
+        raise StorageError(
+            f"cannot write to {url!r}: {e}. Create the bucket (or folder), or fix the URL."
+        ) from None
     remove(probe)
 
 

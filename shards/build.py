@@ -1,0 +1,411 @@
+"""The dataset-building stage: scan every source, plan the shards, write them over Ray, and
+write the manifest last.
+
+Order of work, so that a bad config, an unknown layout or an unreachable store fails before
+anything is written: config (validated by the caller) -> the output store is reachable ->
+every source is scanned (layout, classes, scan-time quarantine within its budget) -> plan
+-> shards already committed from the same plan are kept -> the rest run as Ray tasks, one
+per shard -> the invariant inputs = written + quarantined and the quarantine budget are
+checked -> ``build-info.json`` (timings, not deterministic) -> ``manifest.json`` (deterministic,
+byte for byte the same for the same inputs and settings, however often the build was
+interrupted).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+import tempfile
+import time
+from collections import Counter, defaultdict
+from typing import Any
+
+from pipeline.config import Config, ShardsSpec, SourceSpec
+from pipeline.errors import DataError, UserError
+from shards import storage
+from shards.sources import SourceScan, scan_source
+from shards.writer import ShardPlan, committed, is_temporary, plan_stream, write_shard
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+BUILD_INFO = "build-info.json"
+MANIFEST_FORMAT = "adpretrain-manifest/1"
+_SHARD_NAME = re.compile(r"shard-\d{6}\.tar(\.json)?$")
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def plan_build(scans: list[SourceScan], spec: ShardsSpec) -> list[ShardPlan]:
+    """Every shard of the build, in a fixed order (source, stream, index)."""
+    plans: list[ShardPlan] = []
+    for scan in scans:
+        for stream in ("normal", "abnormal"):
+            recs = [r for r in scan.records if r.stream == stream]
+            masks = None if stream == "normal" else scan.spec.masks != "none"
+            plans += plan_stream(recs, spec.max_samples_per_shard, spec.max_bytes_per_shard, masks)
+    return plans
+
+
+def _folders(scans: list[SourceScan]) -> list[str]:
+    return [f"{s.spec.name}/{s.spec.split}/{stream}" for s in scans for stream in ("normal", "abnormal")]
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def _run_on_ray(todo: list[ShardPlan], url: str, cfg: Config, progress: bool) -> dict[str, dict]:
+    """Write the shards as Ray tasks, at most ``shards.tasks`` at once; sidecars by shard path."""
+    import ray
+    from tqdm import tqdm
+
+    task = ray.remote(num_cpus=1)(write_shard)
+    limit = cfg.shards.tasks or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    bar = tqdm(total=sum(len(p.records) for p in todo), unit="img", desc="build-shards", disable=not progress)
+    results: dict[str, dict] = {}
+    pending: dict[Any, ShardPlan] = {}
+    queue = list(todo)
+    try:
+        while queue or pending:
+            while queue and len(pending) < limit:
+                plan = queue.pop(0)
+                pending[task.remote(plan, url)] = plan
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            plan = pending.pop(ready[0])
+            try:
+                results[plan.path] = ray.get(ready[0])
+            except ray.exceptions.RayTaskError as e:
+                cause = getattr(e, "cause", None)
+                if isinstance(cause, UserError):
+                    raise type(cause)(str(cause)) from None
+                raise
+            bar.update(len(plan.records))
+    finally:
+        for ref in pending:
+            ray.cancel(ref)
+        bar.close()
+    return results
+
+
+def _clean(url: str, scans: list[SourceScan], plans: list[ShardPlan]) -> None:
+    """Remove temporary files of interrupted writes and shards that are no longer planned."""
+    planned = {p.path for p in plans} | {p.path + ".json" for p in plans}
+    for folder in _folders(scans):
+        for name in storage.listdir(storage.join(url, folder)):
+            rel = f"{folder}/{name}"
+            if is_temporary(name) or (_SHARD_NAME.match(name) and rel not in planned):
+                log.info("removing %s (left by an earlier build)", rel)
+                storage.remove(storage.join(url, rel))
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def _quarantine_report(source: str, entries: list[dict], inputs: int, limit: float) -> str:
+    reasons = Counter(re.sub(r"\(.*", "", e["reason"]).strip() for e in entries)
+    lines = [
+        f"source {source!r}: {len(entries)} of {inputs} inputs quarantined "
+        f"({len(entries) / max(inputs, 1):.1%} > shards.max_quarantine_fraction {limit:.1%}):"
+    ]
+    lines += [f"  {n} x {reason}" for reason, n in reasons.most_common(8)]
+    lines += [f"  e.g. {e['path']}: {e['reason']}" for e in entries[:5]]
+    return "\n".join(lines)
+
+
+def _check_budget(cfg: Config, inputs: dict[str, int], quarantined: list[dict]) -> list[str]:
+    by_source: dict[str, list[dict]] = defaultdict(list)
+    for q in quarantined:
+        by_source[q["source"]].append(q)
+    limit = cfg.shards.max_quarantine_fraction
+    return [
+        _quarantine_report(name, by_source[name], n, limit)
+        for name, n in inputs.items()
+        if len(by_source[name]) > limit * n
+    ]
+
+
+def make_manifest(
+    cfg: Config, scans: list[SourceScan], plans: list[ShardPlan], sides: dict[str, dict]
+) -> dict[str, Any]:
+    """The manifest from the plan and the shards' sidecars; checks inputs = written + quarantined."""
+    shards, quarantined, rows = [], [], Counter()
+    per_class: dict[tuple[str, str], Counter] = defaultdict(Counter)
+    for scan in scans:
+        for q in scan.quarantined:
+            quarantined.append(q.to_dict())
+    for plan in plans:
+        side = sides[plan.path]
+        bad = {q["path"] for q in side["quarantined"]}
+        written = [r for r in plan.records if r.path not in bad]
+        if len(written) != side["count"] or len(bad) + len(written) != len(plan.records):
+            raise DataError(
+                f"shard {plan.path}: {side['count']} samples written and {len(bad)} quarantined do not add up to "
+                f"its {len(plan.records)} inputs; delete the shard and its sidecar and rebuild"
+            )
+        shards.append(
+            {
+                "path": plan.path,
+                "source": plan.source,
+                "split": plan.role,
+                "stream": plan.stream,
+                "masks": plan.masks,
+                "count": side["count"],
+                "bytes": side["bytes"],
+                "sha256": side["sha256"],
+            }
+        )
+        quarantined += [{"source": plan.source, **q} for q in side["quarantined"]]
+        for r in written:
+            rows[(r.source, r.cls, r.view, r.label, r.defect)] += 1
+            c = per_class[(r.source, r.cls)]
+            c["abnormal" if r.label else "normal"] += 1
+            if r.label and plan.masks is False and plan.role == "pretrain":
+                c["excluded_from_training"] += 1
+        for cls, n in side["class_bytes"].items():
+            per_class[(plan.source, cls)]["bytes"] += n
+    for q in quarantined:
+        per_class[(q["source"], q["class"] or "")]["quarantined"] += 1
+    quarantined.sort(key=lambda q: (q["source"], q["path"], q["reason"]))
+
+    sources: dict[str, Any] = {}
+    totals = Counter()
+    for scan in scans:
+        s = scan.spec
+        mine = {k[1]: v for k, v in per_class.items() if k[0] == s.name}
+        summary = {
+            "inputs": scan.inputs,
+            "written": sum(v["normal"] + v["abnormal"] for v in mine.values()),
+            "quarantined": sum(v["quarantined"] for v in mine.values()),
+            "normal": sum(v["normal"] for v in mine.values()),
+            "abnormal": sum(v["abnormal"] for v in mine.values()),
+            "excluded_from_training": sum(v["excluded_from_training"] for v in mine.values()),
+            "bytes": sum(p["bytes"] for p in shards if p["source"] == s.name),
+            "shards": sum(1 for p in shards if p["source"] == s.name),
+        }
+        if summary["inputs"] != summary["written"] + summary["quarantined"]:
+            raise DataError(
+                f"source {s.name!r}: {summary['inputs']} inputs but {summary['written']} written + "
+                f"{summary['quarantined']} quarantined; this is a bug in the build, please report it"
+            )
+        totals.update(summary)
+        sources[s.name] = {
+            "layout": s.layout,
+            "root": s.root,
+            "split": s.split,
+            "masks": s.masks,
+            "weight": s.weight,
+            "classes": {
+                cls: {k: mine.get(cls, Counter())[k] for k in
+                      ("normal", "abnormal", "quarantined", "excluded_from_training", "bytes")}
+                for cls in sorted(set(scan.classes) | set(mine))
+            },
+            **summary,
+        }
+    return {
+        "format": MANIFEST_FORMAT,
+        "settings": {
+            "max_samples_per_shard": cfg.shards.max_samples_per_shard,
+            "max_bytes_per_shard": cfg.shards.max_bytes_per_shard,
+        },
+        "totals": {k: totals[k] for k in ("inputs", "written", "quarantined", "normal", "abnormal",
+                                          "excluded_from_training", "shards", "bytes")},
+        "sources": sources,
+        "shards": shards,
+        "counts": [
+            {"source": s, "class": c, "view": v, "label": lab, "defect": d, "count": n}
+            for (s, c, v, lab, d), n in sorted(rows.items(), key=lambda kv: tuple(str(x) for x in kv[0]))
+        ],
+        "quarantined": quarantined,
+    }
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=1, sort_keys=True) + "\n"
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def _synthesize(spec: SourceSpec) -> None:
+    """Generate the source's synthetic data when its root does not exist and the config asks for it."""
+    if spec.synth is None or storage.exists(spec.root):
+        return
+    from shards.synth import generate
+
+    s = spec.synth
+    log.info("source %s: %s does not exist; generating synthetic %s data there", spec.name, spec.root, spec.layout)
+    tmp = tempfile.mkdtemp(prefix="synth-")
+    try:
+        out = os.path.join(tmp, "root")
+        generate(spec.layout, out, classes=s.classes, normal=s.normal, abnormal=s.abnormal, size=s.size,
+                 views=s.views, seed=s.seed)
+        if storage.is_remote(spec.root):
+            fs, path = storage.filesystem(spec.root)
+            with storage.storage_errors(spec.root):
+                fs.put(out.rstrip("/") + "/", path.rstrip("/") + "/", recursive=True)
+        else:
+            os.makedirs(os.path.dirname(os.path.abspath(spec.root)), exist_ok=True)
+            os.replace(out, spec.root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_shards(cfg: Config, progress: bool = False) -> dict[str, Any]:
+    """Build (or finish, or confirm) the shards of ``cfg.sources`` under ``cfg.shards.url``.
+
+    Returns the manifest (as written to ``{url}/manifest.json``) with one extra key,
+    ``build``, holding this run's timings (also in ``build-info.json``; kept out of the
+    manifest so that it stays deterministic). Idempotent: a rerun writes only what is
+    missing, and nothing at all when the shards and manifest are complete.
+    """
+    t0 = time.time()
+    url = cfg.shards.url.rstrip("/")
+    manifest_url = storage.join(url, MANIFEST)
+    had_manifest = storage.exists(manifest_url)  # the store answers
+    if not had_manifest:
+        storage.check_writable(url)  # a new build: fail now, not after scanning, if it cannot be written
+    for s in cfg.sources:
+        _synthesize(s)
+    scans = [scan_source(s) for s in cfg.sources]
+    inputs = {s.spec.name: s.inputs for s in scans}
+    scan_q = [q.to_dict() for s in scans for q in s.quarantined]
+    reports = _check_budget(cfg, inputs, scan_q)
+    if reports:
+        raise DataError("too many bad inputs, nothing written:\n" + "\n".join(reports))
+
+    plans = plan_build(scans, cfg.shards)
+    sides: dict[str, dict] = {}
+    todo: list[ShardPlan] = []
+    for folder in sorted({p.folder for p in plans}):
+        sizes = storage.list_sizes(storage.join(url, folder))
+        for plan in (p for p in plans if p.folder == folder):
+            side = committed(plan, url, sizes)
+            if side is None:
+                todo.append(plan)
+            else:
+                sides[plan.path] = side
+    if todo:
+        from pipeline.rayctx import init_ray
+
+        storage.check_writable(url)
+        if had_manifest:
+            storage.remove(manifest_url)  # it no longer describes what is on storage
+        log.info("%d of %d shards to write (%d already committed)", len(todo), len(plans), len(plans) - len(todo))
+        _clean(url, scans, plans)
+        init_ray(cfg.ray)
+        t_write = time.time()
+        sides.update(_run_on_ray(todo, url, cfg, progress))
+    else:
+        _clean(url, scans, plans)
+        t_write = time.time()
+    t_done = time.time()
+
+    manifest = make_manifest(cfg, scans, plans, sides)
+    written_now = sum(sides[p.path]["count"] for p in todo)
+    info = {
+        "status": "ok",
+        "seconds": round(t_done - t0, 3),
+        "write_seconds": round(t_done - t_write, 3),
+        "shards_written": len(todo),
+        "shards_kept": len(plans) - len(todo),
+        "images_written": written_now,
+        "images_per_s": round(written_now / max(t_done - t_write, 1e-9), 1) if todo else None,
+        "host": platform.node(),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    reports = _check_budget(cfg, inputs, manifest["quarantined"])
+    if reports:
+        failed = {**info, "status": "failed", "errors": reports, "quarantined": manifest["quarantined"]}
+        storage.check_writable(url)
+        storage.write_text(storage.join(url, BUILD_INFO), _dumps(failed))
+        raise DataError(
+            "too many bad inputs; the shards are kept but no manifest is written:\n" + "\n".join(reports)
+            + f"\nfull list: {storage.join(url, BUILD_INFO)}"
+        )
+    text = _dumps(manifest)
+    if todo or not had_manifest or storage.read_text(manifest_url) != text:
+        storage.check_writable(url)
+        storage.write_text(storage.join(url, BUILD_INFO), _dumps(info))
+        storage.write_text(manifest_url, text)  # last
+        log.info("wrote %s: %d shards, %d samples", manifest_url, len(plans), manifest["totals"]["written"])
+    else:
+        log.info("%s is up to date: nothing to write", manifest_url)
+    return {**manifest, "build": info}
+
+
+def read_manifest(url: str) -> dict[str, Any]:
+    """The manifest of the shards under ``url``; DataError when there is none."""
+    murl = storage.join(url, MANIFEST)
+    try:
+        text = storage.read_text(murl)
+    except FileNotFoundError:
+        raise DataError(f"no shards at {url!r} ({MANIFEST} is missing): run `adpretrain build-shards CONFIG`") from None
+    try:
+        manifest = json.loads(text)
+    except ValueError as e:
+        raise DataError(f"{murl!r} is not valid JSON ({e}): run `adpretrain build-shards CONFIG` again") from None
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise DataError(f"{murl!r} has format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}: rebuild it")
+    return manifest
+
+
+def shard_urls(
+    manifest: dict,
+    url: str,
+    *,
+    source: str | None = None,
+    split: str | None = None,
+    stream: str | None = None,
+) -> list[str]:
+    """Full URLs of the committed shards matching the filters, in manifest order.
+
+    Abnormal shards of a pretraining source with ``masks: none`` are never returned for
+    split "pretrain": the training streams leave them out (the manifest counts them as
+    ``excluded_from_training``). Empty selections are returned as [].
+    """
+    out = []
+    for s in manifest["shards"]:
+        if (source and s["source"] != source) or (split and s["split"] != split) or (stream and s["stream"] != stream):
+            continue
+        if s["split"] == "pretrain" and s["masks"] is False:
+            continue
+        out.append(storage.join(url, s["path"]))
+    return out
+
+
+def summary_table(manifest: dict) -> str:
+    """Per source and class: normal, abnormal, quarantined, MB; totals and images/s."""
+    head = ("source", "class", "normal", "abnormal", "quarantined", "MB")
+    rows = []
+    for name, src in sorted(manifest["sources"].items()):
+        for cls, c in sorted(src["classes"].items()):
+            rows.append((name, cls, c["normal"], c["abnormal"], c["quarantined"], f"{c['bytes'] / 1e6:.1f}"))
+    t = manifest["totals"]
+    mb = sum(c["bytes"] for src in manifest["sources"].values() for c in src["classes"].values()) / 1e6
+    rows.append(("total", "", t["normal"], t["abnormal"], t["quarantined"], f"{mb:.1f}"))
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+
+    def line(r) -> str:
+        return "  ".join(str(v).ljust(w) if i < 2 else str(v).rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
+
+    out = [line(head), "  ".join("-" * w for w in widths)] + [line(r) for r in rows[:-1]]
+    out += ["  ".join("-" * w for w in widths), line(rows[-1])]
+    out.append(
+        f"{t['shards']} shards ({t['bytes'] / 1e6:.1f} MB), "
+        f"{t['inputs']} inputs = {t['written']} written + {t['quarantined']} quarantined"
+    )
+    if t["excluded_from_training"]:
+        out.append(f"{t['excluded_from_training']} abnormal samples without masks are left out of the training streams")
+    build = manifest.get("build")
+    if build:
+        speed = f", {build['images_per_s']:.0f} images/s" if build.get("images_per_s") else ""
+        out.append(
+            f"this run: {build['shards_written']} shards written, {build['shards_kept']} kept, "
+            f"{build['seconds']:.1f} s{speed}"
+        )
+    return "\n".join(out)

@@ -1,0 +1,33 @@
+"""MVTec 3D-AD, RGB only: ``<class>/{train,validation,test}/<good|defect>/rgb/NNN.png``,
+masks ``.../<defect>/gt/NNN.png``; the xyz point clouds are not read."""
+
+from __future__ import annotations
+
+from shards.sources.common import Candidate, Found, Listing, empty_class, stem
+
+EXPECTED = "<class>/{train,validation,test}/<good|defect>/rgb/*.png with masks in <defect>/gt/<stem>.png"
+CLASS_DIR = ""
+SPLITS = ("train", "validation", "test")
+
+
+def find_classes(listing: Listing) -> list[str]:
+    return listing.subdirs(CLASS_DIR)
+
+
+def scan(listing: Listing, classes: list[str], masks: bool) -> Found:
+    found = Found()
+    for cls in classes:
+        n = len(found.candidates)
+        for split in SPLITS:
+            for defect in listing.subdirs(f"{cls}/{split}"):
+                folder = f"{cls}/{split}/{defect}"
+                for name in listing.files_in(f"{folder}/rgb"):
+                    path = f"{folder}/rgb/{name}"
+                    if defect == "good":
+                        found.candidates.append(Candidate(cls, split, 0, "good", path))
+                    else:
+                        mask = f"{folder}/gt/{stem(name)}.png" if masks else None
+                        found.candidates.append(Candidate(cls, split, 1, defect, path, mask=mask))
+        if len(found.candidates) == n:
+            empty_class(found, cls, cls, EXPECTED)
+    return found
