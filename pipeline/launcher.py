@@ -7,6 +7,7 @@ the running Ray cluster when there is one (RAY_ADDRESS / ray.address), else star
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import subprocess
@@ -131,6 +132,8 @@ def pretrain(cfg: Config, parent_run_id: str | None = None) -> PretrainResult:
     save_export(export_dir, state, centers, backbone, cfg.backbone, cfg.projector, provenance)
     version = tracker.log_model(export_dir, cfg.tracking.model_name,
                                 tags={"run_id": tracker.run_id, "data.manifest_sha256": tags["data.manifest_sha256"]})
+    with open(os.path.join(export_dir, "registered.json"), "w") as f:
+        json.dump({"name": cfg.tracking.model_name, "version": str(version)}, f)
     tracker.end("FINISHED")
     return PretrainResult(
         run_id=tracker.run_id,
