@@ -47,6 +47,8 @@ def _key_part(value: str | None) -> str:
     # a part and the joined key is unique for every distinct tuple of parts.
     if value is None:
         return ""
+    if value == "":
+        return "%"  # never produced by escaping (which always adds two hex digits)
     return _KEY_SAFE.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode()), value)
 
 
@@ -214,6 +216,8 @@ def _open(data: bytes, what: str) -> Image.Image:
         raise BadInput(f"{what} is not a readable image (corrupt or not an image file)") from None
     except Image.DecompressionBombError as e:
         raise BadInput(f"{what} is too large to decode safely: {e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise BadInput(f"corrupt or truncated {what}: {type(e).__name__}: {e}") from None
 
 
 def check_image(data: bytes, ext: str) -> tuple[bytes, str, int, int, str, str | None]:
