@@ -225,6 +225,8 @@ def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
 
 def register_webdataset_schemes() -> None:
     """Let webdataset open s3:// URLs through s3fs (call at import time of modules that stream)."""
-    import webdataset.gopen as gopen
+    import importlib
+
+    gopen = importlib.import_module("webdataset.gopen")  # the package re-exports a function of that name
 
     gopen.gopen_schemes["s3"] = _gopen_fsspec
