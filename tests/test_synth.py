@@ -1,0 +1,373 @@
+"""Synthetic data in the public layouts: file names and formats, exact masks, determinism."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+
+from pipeline.cli import main
+from pipeline.errors import UserError
+from shards import synth
+from shards.synth_render import (
+    AREA_MAX,
+    AREA_MIN,
+    AREA_RANGE,
+    CLASSES,
+    DEFECT_TYPES,
+    MASK_LEVEL,
+    REALIAD_CODES,
+    DefectSpec,
+    apply_defect,
+    plan_defects,
+    render_class,
+    to_uint8,
+)
+
+SMALL = dict(normal=5, abnormal=4, size=64)
+
+
+def read(path: Path, flags: int = cv2.IMREAD_UNCHANGED) -> np.ndarray:
+    img = cv2.imread(str(path), flags)
+    assert img is not None, f"unreadable image {path}"
+    return img
+
+
+def files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def check_mask(mask_path: Path, image_path: Path) -> np.ndarray:
+    """A mask is a single-channel 0/255 image of the image's size with at least one defect pixel."""
+    mask = read(mask_path)
+    image = read(image_path, cv2.IMREAD_COLOR)
+    assert mask.ndim == 2 and mask.dtype == np.uint8, mask_path
+    assert mask.shape == image.shape[:2], (mask_path, mask.shape, image.shape)
+    assert set(np.unique(mask)) <= {0, 255}, mask_path
+    assert mask.any(), f"empty mask {mask_path}"
+    return mask
+
+
+def assert_exact(clean: np.ndarray, image: np.ndarray, mask: np.ndarray, ring: int = 1, covered: float = 0.99) -> None:
+    """The mask covers the pixels the defect changed: every changed pixel lies within ``ring``
+    pixels of the mask (its anti-aliasing border), and (almost) every mask pixel changed."""
+    changed = (clean != image).any(-1)
+    m = mask > 0
+    near = cv2.dilate(m.astype(np.uint8), np.ones((2 * ring + 1, 2 * ring + 1), np.uint8)).astype(bool)
+    assert not (changed & ~near).any(), f"{int((changed & ~near).sum())} changed pixels outside the mask"
+    assert (changed & m).sum() >= covered * m.sum(), f"only {(changed & m).sum()} of {m.sum()} mask pixels changed"
+
+
+# --------------------------------------------------------------------------- classes and defects
+
+
+def test_class_names_alternate_textures_and_objects() -> None:
+    names = synth.CLASS_NAMES
+    assert len(synth.TEXTURE_CLASSES) >= 6 and len(synth.OBJECT_CLASSES) >= 6
+    assert all(n.startswith("synth_") for n in names) and len(set(names)) == len(names)
+    kinds = [CLASSES[n].kind for n in names]
+    assert kinds[:12] == ["texture", "object"] * 6
+    assert len(DEFECT_TYPES) >= 6 and set(REALIAD_CODES) == set(DEFECT_TYPES)
+
+
+@pytest.mark.parametrize("name", synth.CLASS_NAMES)
+def test_every_defect_on_every_class_has_an_exact_mask(name: str) -> None:
+    size = 80
+    for j, kind in enumerate(DEFECT_TYPES):
+        lo, hi = AREA_RANGE[kind]
+        for area in (lo, (lo * hi) ** 0.5, hi):
+            rng = np.random.default_rng([j, int(area * 1e6)])
+            scene = render_class(name, rng, size)
+            img, cov = apply_defect(scene, DefectSpec(kind, area, rng.uniform(0.2, 1.0)), rng, size, 0.9)
+            mask = cov >= MASK_LEVEL
+            clean, out = to_uint8(scene.image), to_uint8(img)
+            assert out.shape == clean.shape == (size, size, 3) and out.dtype == np.uint8
+            if not mask.any():  # a stroke that fell outside the product: nothing may have changed
+                assert (out == clean).all(), (name, kind, area)
+                continue
+            assert_exact(clean, out, mask)
+
+
+def test_plan_reaches_tiny_and_large_subtle_and_obvious() -> None:
+    plan = plan_defects(np.random.default_rng(0), 40)
+    areas = [p.area for p in plan]
+    assert min(areas) <= 0.001 and max(areas) >= 0.05
+    assert all(AREA_MIN <= a <= AREA_MAX for a in areas)
+    assert all(AREA_RANGE[p.kind][0] <= p.area <= AREA_RANGE[p.kind][1] for p in plan)
+    assert len({p.kind for p in plan}) >= 6
+    contrast = [p.contrast for p in plan]
+    assert min(contrast) < 0.4 and max(contrast) > 0.6
+
+
+def test_normal_images_of_a_class_vary() -> None:
+    for name in synth.CLASS_NAMES:
+        a = to_uint8(render_class(name, np.random.default_rng([0, 0]), 64).image).astype(int)
+        b = to_uint8(render_class(name, np.random.default_rng([0, 1]), 64).image).astype(int)
+        assert np.abs(a - b).mean() > 2.0, name
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+@pytest.mark.parametrize("layout", ["mvtec", "mpdd"])
+def test_mvtec_layout(tmp_path: Path, layout: str) -> None:
+    s = synth.generate(layout, tmp_path, classes=2, **SMALL)
+    for cls in synth.CLASS_NAMES[:2]:
+        root = tmp_path / cls
+        train = sorted(root.glob("train/*/*"))
+        assert {p.parent.name for p in train} == {"good"} and len(train) == 4
+        assert [p.name for p in train] == ["000.png", "001.png", "002.png", "003.png"]
+        assert [p.name for p in (root / "test/good").iterdir()] == ["000.png"]
+        defects = sorted(p for p in root.glob("test/*/*.png") if p.parent.name != "good")
+        assert len(defects) == 4
+        for img in defects:
+            assert img.parent.name in DEFECT_TYPES and re.fullmatch(r"\d{3}\.png", img.name)
+            check_mask(root / "ground_truth" / img.parent.name / f"{img.stem}_mask.png", img)
+        masks = sorted(root.glob("ground_truth/*/*"))
+        assert len(masks) == 4 and all(m.name.endswith("_mask.png") for m in masks)
+        assert not (root / "ground_truth/good").exists()
+        assert {p.parts[len(root.parts)] for p in root.rglob("*.png")} == {"train", "test", "ground_truth"}
+    assert s.images == 18 and s.masks == 8 and sum(s.defects.values()) == 8
+    info = json.loads((tmp_path / synth.INFO_FILE).read_text())
+    assert info["synthetic"] and info["layout"] == layout
+
+
+def test_written_mask_is_exactly_the_change(tmp_path: Path) -> None:
+    """The PNG on disk differs from the same instance without the defect exactly under its mask."""
+    synth.generate("mvtec", tmp_path, classes=["synth_nut", "synth_tile"], normal=2, abnormal=6, size=64)
+    for cls in ("synth_nut", "synth_tile"):
+        src = synth._Source(cls, 0, 6, None, 2)
+        seen: dict[str, int] = {}
+        for j, spec in enumerate(src.plan):
+            k = seen.get(spec.kind, 0)
+            seen[spec.kind] = k + 1
+            img = read(tmp_path / cls / "test" / spec.kind / f"{k:03d}.png", cv2.IMREAD_COLOR)[..., ::-1]
+            mask = read(tmp_path / cls / "ground_truth" / spec.kind / f"{k:03d}_mask.png")
+            clean = src.single(j, 64, spec).clean
+            assert_exact(clean, img, mask)
+
+
+def test_visa_layout(tmp_path: Path) -> None:
+    synth.generate("visa", tmp_path, classes=2, **SMALL)
+    with open(tmp_path / "split_csv/1cls.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["object", "split", "label", "image", "mask"]
+    assert len(rows) == 2 * 9
+    for r in rows:
+        img = tmp_path / r["image"]
+        assert img.is_file() and r["object"] in synth.CLASS_NAMES[:2]
+        if r["label"] == "normal":
+            assert re.fullmatch(r"[a-z_]+/Data/Images/Normal/\d{4}\.JPG", r["image"]) and r["mask"] == ""
+            assert r["split"] in ("train", "test")
+        else:
+            assert r["label"] == "anomaly" and r["split"] == "test"
+            assert re.fullmatch(r"[a-z_]+/Data/Images/Anomaly/\d{3}\.JPG", r["image"])
+            assert r["mask"] == r["image"].replace("Images", "Masks").replace(".JPG", ".png")
+            check_mask(tmp_path / r["mask"], img)
+    assert sum(r["split"] == "test" and r["label"] == "normal" for r in rows) == 2
+    assert read(tmp_path / rows[0]["image"], cv2.IMREAD_COLOR).shape == (64, 64, 3)
+    assert not list(tmp_path.glob("*/Data/Masks/Normal"))
+    with open(tmp_path / "synth_wood/image_anno.csv", newline="") as f:
+        anno = list(csv.DictReader(f))
+    assert list(anno[0]) == ["image", "label", "mask"] and len(anno) == 9
+
+
+def test_btad_layout_formats(tmp_path: Path) -> None:
+    s = synth.generate("btad", tmp_path, classes=3, **SMALL)
+    for product, (img_sfx, mask_sfx) in {"01": (".bmp", ".png"), "02": (".png", ".png"), "03": (".bmp", ".bmp")}.items():
+        root = tmp_path / product
+        assert sorted(p.name for p in (root / "train/ok").iterdir()) == [f"{i:04d}{img_sfx}" for i in range(4)]
+        assert sorted(p.name for p in (root / "test/ok").iterdir()) == [f"0000{img_sfx}"]
+        ko = sorted((root / "test/ko").iterdir())
+        assert [p.name for p in ko] == [f"{i:04d}{img_sfx}" for i in range(4)]
+        for img in ko:
+            check_mask(root / "ground_truth/ko" / f"{img.stem}{mask_sfx}", img)
+        assert sorted(p.name for p in (root / "ground_truth").iterdir()) == ["ko"]
+    assert json.loads((tmp_path / synth.INFO_FILE).read_text())["products"] == dict(zip(["01", "02", "03"], s.classes))
+    with pytest.raises(UserError, match="three products"):
+        synth.generate("btad", tmp_path / "x", classes=4, **SMALL)
+
+
+def test_mvtec3d_layout(tmp_path: Path) -> None:
+    synth.generate("mvtec3d", tmp_path, classes=1, normal=10, abnormal=3, size=48)
+    root = tmp_path / "synth_wood"
+    assert sorted(p.name for p in (root / "train/good/rgb").iterdir()) == [f"{i:03d}.png" for i in range(7)]
+    assert sorted(p.name for p in (root / "validation/good/rgb").iterdir()) == ["000.png"]
+    assert sorted(p.name for p in (root / "test/good/rgb").iterdir()) == ["000.png", "001.png"]
+    for split in ("train/good", "validation/good"):
+        assert sorted(p.name for p in (root / split).iterdir()) == ["rgb", "xyz"]
+    for folder in root.glob("test/*"):
+        assert sorted(p.name for p in folder.iterdir()) == ["gt", "rgb", "xyz"]
+        for rgb in (folder / "rgb").iterdir():
+            xyz = tifffile.imread(folder / "xyz" / f"{rgb.stem}.tiff")
+            assert xyz.shape == (48, 48, 3) and xyz.dtype == np.float32
+            if folder.name == "good":  # all-zero ground truth for good test images, as in MVTec 3D-AD
+                gt = read(folder / "gt" / rgb.name)
+                assert gt.shape == (48, 48) and not gt.any()
+            else:
+                assert folder.name in DEFECT_TYPES
+                check_mask(folder / "gt" / rgb.name, rgb)
+    assert sum(1 for _ in root.glob("test/*/rgb/*.png")) == 5
+
+
+def test_realiad_layout_and_json(tmp_path: Path) -> None:
+    s = synth.generate("realiad", tmp_path, classes=["synth_screw", "synth_fabric"], normal=3, abnormal=3, size=64, views=5)
+    for cls in ("synth_screw", "synth_fabric"):
+        doc = json.loads((tmp_path / "realiad_jsons/realiad_jsons" / f"{cls}.json").read_text())
+        assert set(doc) == {"meta", "train", "test"}
+        assert doc["meta"]["normal_class"] == "OK" and doc["meta"]["prefix"] == ""
+        entries = doc["train"] + doc["test"]
+        assert all(set(e) == {"category", "anomaly_class", "image_path", "mask_path"} for e in entries)
+        assert all(e["anomaly_class"] == "OK" for e in doc["train"])
+        root = tmp_path / "realiad_512" / cls
+        on_disk = {str(p.relative_to(root)) for p in root.rglob("*.jpg")}
+        assert on_disk == {e["image_path"] for e in entries} and len(on_disk) == 6 * 5
+        pattern = re.compile(
+            rf"(OK/S(?P<s>\d{{4}})/{cls}_(?P=s)_OK|NG/(?P<c>[A-Z]{{2}})/S(?P<t>\d{{4}})/{cls}_(?P=t)_NG_(?P=c))_C[1-5]_\d{{14}}\.jpg"
+        )
+        samples: dict[str, set[str]] = {}
+        for e in entries:
+            m = pattern.fullmatch(e["image_path"])
+            assert m, e["image_path"]
+            assert e["category"] == cls
+            samples.setdefault(str(Path(e["image_path"]).parent), set()).add(e["image_path"].split("_")[-2])
+            if e["mask_path"] is None:
+                assert e["anomaly_class"] == "OK"
+                assert not (root / e["image_path"]).with_suffix(".png").exists()
+            else:
+                assert e["image_path"].startswith("NG/") and e["anomaly_class"] == m.group("c")
+                assert e["anomaly_class"] in REALIAD_CODES.values()
+                assert e["mask_path"] == e["image_path"][:-4] + ".png"
+                check_mask(root / e["mask_path"], root / e["image_path"])
+        assert len(samples) == 6 and all(v == {"C1", "C2", "C3", "C4", "C5"} for v in samples.values())
+        assert sum(e["mask_path"] is not None for e in entries) >= 3 * 4
+    assert s.images == 2 * 6 * 5
+
+
+def test_realiad_views_are_exact_and_differ(tmp_path: Path) -> None:
+    src = synth._Source("synth_pill", 0, 4, None, 1)
+    for j, spec in enumerate(src.plan):
+        items = src.views(j, 64, 5, spec)
+        assert len(items) == 5
+        for item in items:
+            if item.mask is not None:
+                assert_exact(item.clean, item.image, item.mask, covered=0.95)
+            else:
+                assert (item.image == item.clean).all()
+        assert all(np.abs(a.clean.astype(int) - b.clean.astype(int)).mean() > 2 for a, b in zip(items, items[1:]))
+
+
+# --------------------------------------------------------------------------- determinism, sizes, base images
+
+
+def test_same_arguments_give_identical_bytes(tmp_path: Path) -> None:
+    for layout in ("mvtec", "realiad", "mvtec3d"):
+        args = dict(classes=["synth_gear", "synth_leather"], normal=3, abnormal=3, size=48, views=2, seed=7)
+        synth.generate(layout, tmp_path / f"{layout}_a", **args)
+        synth.generate(layout, tmp_path / f"{layout}_b", **args)
+        a, b = files(tmp_path / f"{layout}_a"), files(tmp_path / f"{layout}_b")
+        assert a == b and len(a) > 10
+        assert not any(".part" in name for name in a)
+    # another seed gives other images; a class's images do not depend on the other classes
+    synth.generate("mvtec", tmp_path / "seed8", classes=["synth_gear"], normal=3, abnormal=3, size=48, seed=8)
+    synth.generate("mvtec", tmp_path / "alone", classes=["synth_gear"], normal=3, abnormal=3, size=48, seed=7)
+    gear = {k: v for k, v in files(tmp_path / "mvtec_a").items() if k.startswith("synth_gear/")}
+    assert gear == {k: v for k, v in files(tmp_path / "alone").items() if k.startswith("synth_gear/")}
+    assert gear["synth_gear/train/good/000.png"] != files(tmp_path / "seed8")["synth_gear/train/good/000.png"]
+
+
+def test_default_run_reaches_the_size_extremes(tmp_path: Path) -> None:
+    s = synth.generate("mvtec", tmp_path)
+    masks = sorted(tmp_path.glob("*/ground_truth/*/*_mask.png"))
+    assert len(masks) == 4 * 10 == s.masks
+    areas = [np.count_nonzero(read(m)) / (256 * 256) for m in masks]
+    assert min(areas) <= 0.001, sorted(areas)[:3]
+    assert max(areas) >= 0.05, sorted(areas)[-3:]
+    assert sorted(areas) == sorted(a for _, _, a in s.mask_areas)
+    assert len(s.defects) >= 6
+
+
+def test_base_images(tmp_path: Path) -> None:
+    base = tmp_path / "My Parts"
+    base.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        img = cv2.GaussianBlur((rng.random((60, 80, 3)) * 255).astype(np.uint8), (0, 0), 3)
+        cv2.imwrite(str(base / f"part{i}.{'png' if i % 2 else 'jpg'}"), img)
+    (base / "notes.txt").write_text("not an image")
+    s = synth.generate("mvtec", tmp_path / "out", base_images=base, normal=3, abnormal=4, size=48)
+    assert list(s.classes) == ["synth_my_parts"]
+    root = tmp_path / "out/synth_my_parts"
+    first = read(root / "train/good/000.png", cv2.IMREAD_COLOR)
+    expected = cv2.resize(read(base / "part0.jpg", cv2.IMREAD_COLOR)[:, 10:70], (48, 48), interpolation=cv2.INTER_AREA)
+    assert np.abs(first.astype(int) - expected.astype(int)).max() <= 1
+    defects = [p for p in root.glob("test/*/*.png") if p.parent.name != "good"]
+    assert len(defects) == 4
+    for img in defects:
+        check_mask(root / "ground_truth" / img.parent.name / f"{img.stem}_mask.png", img)
+    s = synth.generate("visa", tmp_path / "named", base_images=base, classes=["bracket"], normal=10, abnormal=1, size=48)
+    assert list(s.classes) == ["bracket"] and s.classes["bracket"]["normal"] == 4
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(layout="coco"), "unknown layout"),
+        (dict(classes=["synth_wood", "wood"]), "unknown class 'wood'; valid classes: synth_wood"),
+        (dict(classes=0), "between 1 and"),
+        (dict(normal=0), "--normal must be"),
+        (dict(size=16), "--size must be"),
+        (dict(views=6), "--views must be"),
+        (dict(base_images="/nonexistent/folder"), "is not a folder"),
+    ],
+)
+def test_user_errors(tmp_path: Path, kwargs: dict, message: str) -> None:
+    args = dict(layout="mvtec", out=tmp_path / "o", normal=2, abnormal=1, size=32) | kwargs
+    with pytest.raises(UserError, match=message):
+        synth.generate(args.pop("layout"), args.pop("out"), **args)
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_base_images_and_output(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="holds no images"):
+        synth.generate("mvtec", tmp_path / "o", base_images=tmp_path / "empty")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken/a.png").write_bytes(b"not a png")
+    with pytest.raises(UserError, match="cannot decode base image .*a.png"):
+        synth.generate("mvtec", tmp_path / "o", base_images=tmp_path / "broken")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        synth.generate("mvtec", tmp_path / "file", classes=1, normal=1, abnormal=0, size=32)
+
+
+def test_fsspec_url_output() -> None:
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    s = synth.generate("mvtec", "memory://synth-test/out", classes=1, normal=2, abnormal=1, size=32)
+    written = fs.find("/synth-test/out")
+    assert len(written) == 5 and s.images == 3
+    png = fs.cat_file(next(p for p in written if p.endswith("train/good/000.png")))
+    assert cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR).shape == (32, 32, 3)
+    fs.rm("/synth-test", recursive=True)
+
+
+def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "cli"
+    rc = main(["synth", "--layout", "visa", "--out", str(out), "--class", "synth_pill", "--class", "synth_tile",
+               "--normal", "3", "--abnormal", "2", "--size", "40", "--seed", "3"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "synth_pill" in text and "2 classes, 10 images, 4 masks" in text and "images/s" in text
+    assert (out / "split_csv/1cls.csv").is_file()
+    rc = main(["synth", "--layout", "mvtec", "--out", str(tmp_path / "x"), "--class", "synth_nope"])
+    assert rc == 2
+    assert "unknown class 'synth_nope'" in capsys.readouterr().err
