@@ -1,34 +1,45 @@
 """Exact image- and pixel-level anomaly-detection metrics.
 
-Every metric comes from one descending sort of the scores. Tied scores form a single
-threshold step, so each curve has one point per distinct score (plus the origin), and
-curve areas are trapezoids between these points (the diagonal through a tie group, as in
-scikit-learn's ROC AUC).
+Every distinct score is a threshold (a pixel or image is positive when its score is >= the
+threshold); tied scores form one threshold step, and curve areas are trapezoids between
+the curve's points, so a tie group of normal and abnormal samples is a diagonal segment
+(as in scikit-learn's ROC AUC).
 
 - AUROC: trapezoid area under (FPR, TPR).
 - AP: sum over thresholds of (R_n - R_{n-1}) * P_n (scikit-learn's definition).
 - max F1: max over thresholds of 2 TP / (TP + FP + P)  (= 2 TP / (2 TP + FP + FN)).
 - AUPRO: ground-truth regions are labelled once (8-connected). At a threshold, the
-  per-region overlap is TP_r / |r| and PRO is its mean over all regions of all images.
-  A pixel of region r adds 1 / (R |r|) to PRO when it becomes positive, so the whole PRO
-  curve is one weighted cumulative sum over the same global sort. The curve (FPR, PRO) is
-  integrated up to FPR = fpr_limit, linearly interpolated at fpr_limit, divided by
-  fpr_limit.
+  per-region overlap of region r is TP_r / |r| and PRO is its mean over all regions of all
+  images, so an abnormal pixel of region r adds w = 1 / (R |r|) to PRO when it becomes
+  positive: PRO at a threshold is a weighted count of the abnormal pixels above it. The
+  curve (FPR, PRO) is integrated up to FPR = fpr_limit, linearly interpolated at
+  fpr_limit, and divided by fpr_limit.
+
+How it is computed: the normal scores are sorted once (np.sort: a value sort, much faster
+than an argsort of all pixels) and the abnormal ones are argsorted with their weights;
+counts above a threshold are then binary searches. The curves change in FPR only at
+normal scores, and the ROC/PRO curve between two consecutive normal-score groups is
+vertical (zero area), so each area is a sum over the normal-score groups v, of width
+count(v) / N, of the trapezoid between the curve value just above v and at v. AP and
+F1 only change at abnormal scores. This is the same curve as one global sort with
+cumulative sums per region would give, checked against brute force in the tests. For
+AUPRO alone, only the top fpr_limit share of the normal scores is sorted (np.partition).
 
 A metric that cannot be computed (scores of one class only, no masks, no abnormal
-pixels) is None, never 0: callers report it as "n/a".
+pixels, no normal pixels) is None, never 0: callers report it as "n/a".
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
 
 import numpy as np
 import scipy.ndimage as ndi
 import torch
 from torch import Tensor
 
-EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+IN_PLANE_EIGHT_CONNECTED = np.zeros((3, 3, 3), dtype=bool)
+IN_PLANE_EIGHT_CONNECTED[1] = True
 
 ArrayLike = Tensor | np.ndarray
 
@@ -42,63 +53,62 @@ def _numpy(x: ArrayLike) -> np.ndarray:
     return np.asarray(x)
 
 
-@dataclass(frozen=True)
-class Curve:
-    """Cumulative counts at each distinct threshold, highest first (origin not included)."""
+class _Above:
+    """Scores sorted ascending with cumulative weights: the weight above any threshold."""
 
-    tp: np.ndarray  # true positives with score >= threshold
-    fp: np.ndarray  # false positives with score >= threshold
-    pos: int
-    neg: int
-    pro: np.ndarray | None = None  # mean per-region overlap, when regions were given
+    def __init__(self, scores: np.ndarray, weights: np.ndarray | None = None) -> None:
+        order = np.argsort(scores, kind="stable")
+        self.sorted = scores[order]
+        w = np.ones(scores.size) if weights is None else weights[order]
+        self.cum = np.concatenate([[0.0], np.cumsum(w, dtype=np.float64)])
+        self.total = float(self.cum[-1])
 
+    def ge(self, t: np.ndarray) -> np.ndarray:
+        """Weight of the scores >= t."""
+        return self.total - self.cum[np.searchsorted(self.sorted, t, side="left")]
 
-def _curve(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None) -> Curve:
-    """One global descending sort; counts at the last index of every tie group."""
-    order = np.argsort(scores, kind="stable")[::-1]
-    s = scores[order]
-    y = labels[order]
-    ends = np.flatnonzero(s[1:] != s[:-1])
-    ends = np.append(ends, s.size - 1)
-    tp = np.cumsum(y, dtype=np.int64)[ends]
-    fp = (ends + 1) - tp
-    pro = None
-    if weights is not None:
-        pro = np.cumsum(weights[order], dtype=np.float64)[ends]
-    return Curve(tp=tp, fp=fp, pos=int(tp[-1]), neg=int(fp[-1]), pro=pro)
+    def gt(self, t: np.ndarray) -> np.ndarray:
+        """Weight of the scores > t."""
+        return self.total - self.cum[np.searchsorted(self.sorted, t, side="right")]
 
 
-def _trapezoid(y: np.ndarray, x: np.ndarray) -> float:
-    return float(np.sum(np.diff(x) * (y[1:] + y[:-1])) / 2.0)
+def _groups(desc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct values of a descending array, and how often each occurs."""
+    starts = np.flatnonzero(np.concatenate([[True], desc[1:] != desc[:-1]]))
+    return desc[starts], np.diff(np.append(starts, desc.size))
 
 
-def _auroc(c: Curve) -> float:
-    fpr = np.concatenate([[0.0], c.fp / c.neg])
-    tpr = np.concatenate([[0.0], c.tp / c.pos])
-    return _trapezoid(tpr, fpr)
+def _area(above: _Above, neg_desc: np.ndarray, n_neg: int, limit: float = 1.0) -> float:
+    """Area under (FPR, weight of positives above) up to FPR `limit`, interpolated there.
+
+    neg_desc holds (at least) every normal score of the part of the curve up to `limit`,
+    sorted descending; n_neg is the number of all normal scores.
+    """
+    v, c = _groups(neg_desc)
+    end = np.cumsum(c) / n_neg
+    k = min(int(np.searchsorted(end, limit, side="left")), v.size - 1)  # group reaching `limit`
+    start = end[k - 1] if k > 0 else 0.0
+    lo, hi = above.gt(v[: k + 1]), above.ge(v[: k + 1])
+    width = c[: k + 1] / n_neg
+    full = float(np.sum(width[:k] * (lo[:k] + hi[:k]))) / 2.0
+    alpha = (limit - start) / width[k]  # share of the last group's segment below `limit`
+    part = alpha * width[k] * (2.0 * lo[k] + alpha * (hi[k] - lo[k])) / 2.0
+    return full + float(part)
 
 
-def _ap(c: Curve) -> float:
-    precision = c.tp / (c.tp + c.fp)
-    recall = c.tp / c.pos
-    return float(np.sum(np.diff(recall, prepend=0.0) * precision))
+def _ap_f1(pos: _Above, neg_asc: np.ndarray) -> tuple[float, float]:
+    u, d = _groups(pos.sorted[::-1])
+    tp = np.cumsum(d)
+    fp = neg_asc.size - np.searchsorted(neg_asc, u, side="left")
+    n_pos = pos.sorted.size
+    ap = float(np.sum(d / n_pos * tp / (tp + fp)))
+    f1 = float(np.max(2.0 * tp / (tp + fp + n_pos)))
+    return ap, f1
 
 
-def _f1_max(c: Curve) -> float:
-    return float(np.max(2.0 * c.tp / (c.tp + c.fp + c.pos)))
-
-
-def _aupro(c: Curve, fpr_limit: float) -> float:
-    fpr = np.concatenate([[0.0], c.fp / c.neg])
-    pro = np.concatenate([[0.0], c.pro])
-    pro = np.minimum(pro, 1.0)  # float rounding of the cumulative sum at the end of the curve
-    k = int(np.searchsorted(fpr, fpr_limit, side="right"))  # fpr[:k] <= fpr_limit < fpr[k]
-    x, y = fpr[:k], pro[:k]
-    if k < fpr.size and x[-1] < fpr_limit:
-        t = (fpr_limit - fpr[k - 1]) / (fpr[k] - fpr[k - 1])
-        x = np.append(x, fpr_limit)
-        y = np.append(y, pro[k - 1] + t * (pro[k] - pro[k - 1]))
-    return _trapezoid(y, x) / fpr_limit
+def _check_finite(x: np.ndarray, what: str) -> None:
+    if not np.isfinite(x).all():
+        raise ValueError(f"{what} contain NaN or infinite values")
 
 
 def image_metrics(scores: ArrayLike, labels: ArrayLike) -> dict[str, float | None]:
@@ -107,65 +117,67 @@ def image_metrics(scores: ArrayLike, labels: ArrayLike) -> dict[str, float | Non
     y = _numpy(labels).astype(bool).ravel()
     if s.shape != y.shape:
         raise ValueError(f"scores {s.shape} and labels {y.shape} differ in length")
+    _check_finite(s, "image scores")
     out: dict[str, float | None] = {"image_auroc": None, "image_ap": None, "image_f1_max": None}
     if y.all() or not y.any():
         return out
-    c = _curve(s, y)
-    out.update(image_auroc=_auroc(c), image_ap=_ap(c), image_f1_max=_f1_max(c))
+    pos, neg_asc = _Above(s[y]), np.sort(s[~y])
+    ap, f1 = _ap_f1(pos, neg_asc)
+    auroc = _area(pos, neg_asc[::-1], neg_asc.size) / pos.total
+    out.update(image_auroc=auroc, image_ap=ap, image_f1_max=f1)
     return out
 
 
 def label_regions(masks: np.ndarray) -> tuple[np.ndarray, int]:
-    """8-connected ground-truth regions of (N, H, W) masks, numbered 1..R over all images."""
-    labels = np.zeros(masks.shape, dtype=np.int32)
-    total = 0
-    for i, m in enumerate(masks):
-        lab, n = ndi.label(m, structure=EIGHT_CONNECTED)
-        labels[i] = np.where(lab > 0, lab + total, 0)
-        total += n
-    return labels, total
+    """8-connected ground-truth regions of (N, H, W) masks, numbered 1..R over all images
+    (one labelling call; the structure connects pixels within an image only)."""
+    return ndi.label(masks, structure=IN_PLANE_EIGHT_CONNECTED)
 
 
-def _region_weights(masks: np.ndarray) -> np.ndarray | None:
-    """Per pixel: 1 / (R |r|) inside region r, 0 outside; None when there is no region."""
-    regions, n = label_regions(masks)
-    if n == 0:
-        return None
-    area = np.bincount(regions.ravel(), minlength=n + 1).astype(np.float64)
-    w = np.zeros(n + 1, dtype=np.float64)
-    w[1:] = 1.0 / (n * area[1:])
-    return w[regions.ravel()]
-
-
-def _pixel_inputs(maps: ArrayLike, masks: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+def _pixel_inputs(maps: ArrayLike, masks: ArrayLike, fpr_limit: float) -> tuple[np.ndarray, np.ndarray]:
     m = _numpy(maps)
     g = _numpy(masks).astype(bool)
     if m.shape != g.shape or m.ndim != 3:
         raise ValueError(f"maps {m.shape} and masks {g.shape} must both be (N, H, W)")
+    if not 0 < fpr_limit <= 1:
+        raise ValueError(f"fpr_limit must lie in (0, 1], got {fpr_limit}")
     if not np.issubdtype(m.dtype, np.floating):
         m = m.astype(np.float64)
+    _check_finite(m, "anomaly maps")
     return m, g
+
+
+def _region_above(maps: np.ndarray, masks: np.ndarray) -> _Above:
+    """Abnormal pixel scores weighted 1 / (R |r|), so that the weight above a threshold is PRO."""
+    regions, n = label_regions(masks)
+    ids = regions[masks]
+    area = np.bincount(ids, minlength=n + 1).astype(np.float64)
+    return _Above(maps[masks], 1.0 / (n * area[ids]))
+
+
+def _top_desc(neg: np.ndarray, limit: float) -> np.ndarray:
+    """Every normal score that the curve up to FPR `limit` needs, sorted descending: all
+    scores >= the m-th largest, m one past ceil(limit * N), ties included."""
+    m = min(neg.size, math.ceil(limit * neg.size) + 1)
+    kth = np.partition(neg, neg.size - m)[neg.size - m]
+    return np.sort(neg[neg >= kth])[::-1]
 
 
 def aupro(maps: ArrayLike, masks: ArrayLike, fpr_limit: float = 0.3) -> float | None:
     """Exact area under the per-region-overlap curve up to FPR fpr_limit, divided by it.
 
-    maps: (N, H, W) scores; masks: (N, H, W) 0/1. None when there is no abnormal region or
-    no normal pixel.
+    maps: (N, H, W) scores; masks: (N, H, W) 0/1. None when there is no abnormal or no
+    normal pixel.
     """
-    m, g = _pixel_inputs(maps, masks)
-    if not 0 < fpr_limit <= 1:
-        raise ValueError(f"fpr_limit must lie in (0, 1], got {fpr_limit}")
-    w = _region_weights(g)
-    if w is None or g.all():
+    m, g = _pixel_inputs(maps, masks, fpr_limit)
+    if g.all() or not g.any():
         return None
-    return _aupro(_curve(m.ravel(), g.ravel(), w), fpr_limit)
+    neg = m[~g]
+    return _area(_region_above(m, g), _top_desc(neg, fpr_limit), neg.size, fpr_limit) / fpr_limit
 
 
-def pixel_metrics(
-    maps: ArrayLike, masks: ArrayLike | None, fpr_limit: float = 0.3
-) -> dict[str, float | None]:
-    """Pixel AUROC, AP, max F1 and AUPRO from one sort of all pixels.
+def pixel_metrics(maps: ArrayLike, masks: ArrayLike | None, fpr_limit: float = 0.3) -> dict[str, float | None]:
+    """Pixel AUROC, AP, max F1 and AUPRO, sharing one sort of the normal pixels.
 
     maps: (N, H, W) scores; masks: (N, H, W) 0/1, or None for image-level-only data (all
     metrics None then, as when there is no abnormal or no normal pixel).
@@ -173,12 +185,17 @@ def pixel_metrics(
     out: dict[str, float | None] = {"pixel_auroc": None, "pixel_ap": None, "pixel_f1_max": None, "aupro": None}
     if masks is None:
         return out
-    m, g = _pixel_inputs(maps, masks)
-    if not 0 < fpr_limit <= 1:
-        raise ValueError(f"fpr_limit must lie in (0, 1], got {fpr_limit}")
-    w = _region_weights(g)
-    if w is None or g.all():
+    m, g = _pixel_inputs(maps, masks, fpr_limit)
+    if g.all() or not g.any():
         return out
-    c = _curve(m.ravel(), g.ravel(), w)
-    out.update(pixel_auroc=_auroc(c), pixel_ap=_ap(c), pixel_f1_max=_f1_max(c), aupro=_aupro(c, fpr_limit))
+    neg_asc = np.sort(m[~g])
+    neg_desc = neg_asc[::-1]
+    pos = _Above(m[g])
+    ap, f1 = _ap_f1(pos, neg_asc)
+    out.update(
+        pixel_auroc=_area(pos, neg_desc, neg_asc.size) / pos.total,
+        pixel_ap=ap,
+        pixel_f1_max=f1,
+        aupro=_area(_region_above(m, g), neg_desc, neg_asc.size, fpr_limit) / fpr_limit,
+    )
     return out
