@@ -222,6 +222,30 @@ class Config(Strict):
             )
         return self
 
+    def with_absolute_paths(self, base: str | None = None) -> "Config":
+        """Local paths (roots, shard and storage URLs, workdir, sqlite tracking URI) made absolute
+        against ``base`` (default: the current directory), so that Ray workers, whose working
+        directory differs, see the same files. URLs with a scheme are left alone."""
+        import os
+
+        base = base or os.getcwd()
+
+        def fix(p: str) -> str:
+            if "://" in p or os.path.isabs(p):
+                return p
+            return os.path.normpath(os.path.join(base, p))
+
+        uri = self.tracking.uri
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            uri = "sqlite:///" + fix(uri[len("sqlite:///"):])
+        return self.model_copy(update={
+            "workdir": fix(self.workdir),
+            "sources": [s.model_copy(update={"root": fix(s.root)}) for s in self.sources],
+            "shards": self.shards.model_copy(update={"url": fix(self.shards.url)}),
+            "train": self.train.model_copy(update={"storage": fix(self.train.storage)}),
+            "tracking": self.tracking.model_copy(update={"uri": uri}),
+        })
+
     def sources_with(self, split: str) -> list[SourceSpec]:
         return [s for s in self.sources if s.split == split]
 
@@ -301,7 +325,8 @@ def validate(data: dict[str, Any], source: str = "<dict>") -> Config:
 
 
 def load_config(path: str | Path | dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML config (or take a dict), apply overrides, validate."""
+    """Read a YAML config (or take a dict), apply overrides, validate; relative local paths are
+    taken against the current directory and made absolute."""
     if isinstance(path, dict):
         data, source = copy.deepcopy(path), "<dict>"
     else:
@@ -317,7 +342,7 @@ def load_config(path: str | Path | dict, overrides: list[str] | tuple[str, ...] 
             raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
     for item in overrides:
         apply_override(data, item)
-    return validate(data, source)
+    return validate(data, source).with_absolute_paths()
 
 
 def reference_markdown() -> str:

@@ -24,7 +24,7 @@ def decode_image(data: bytes) -> np.ndarray:
         im.load()
         if im.mode != "RGB":
             im = im.convert("RGB")
-        return np.asarray(im)
+        return np.array(im)  # a writable copy
 
 
 def decode_mask(data: bytes) -> np.ndarray:
