@@ -390,7 +390,7 @@ def _pill(rng: Rng, h: int, w: int, s: int) -> Scene:
     return _place(col, alpha, _background(rng, h, w, (0.10, 0.10, 0.11), 0.2), s)
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=2)
 def _pcb_layout(size: int) -> tuple[np.ndarray, np.ndarray]:
     """The board's fixed artwork (colour, height) at a given size, drawn once."""
     d = design_rng("synth_pcb")

@@ -29,6 +29,10 @@ from shards.synth_render import (
     plan_defects,
     render_class,
     to_uint8,
+    view_homography,
+    warp_view,
+    _blob,
+    _hexagon_sdf,
 )
 
 SMALL = dict(normal=5, abnormal=4, size=64)
@@ -93,6 +97,51 @@ def test_every_defect_on_every_class_has_an_exact_mask(name: str) -> None:
                 assert (out == clean).all(), (name, kind, area)
                 continue
             assert_exact(clean, out, mask)
+
+
+def test_hexagon_sdf_matches_a_brute_force_distance() -> None:
+    """Signed distance to a hexagon (inradius 10, flat top and bottom) against float64
+    point-to-segment distances, negative inside."""
+    inradius = 10.0
+    r = inradius / np.cos(np.pi / 6)
+    corners = np.array([(r * np.cos(k * np.pi / 3), r * np.sin(k * np.pi / 3)) for k in range(6)])
+    edges = list(zip(corners, np.roll(corners, -1, 0)))
+    pts = np.random.default_rng(0).uniform(-20, 20, (400, 2))
+    got = _hexagon_sdf(pts[:, 0].astype(np.float32), pts[:, 1].astype(np.float32), inradius)
+    for p, d in zip(pts, got):
+        dist = min(np.linalg.norm(p - (a + np.clip(np.dot(p - a, b - a) / np.dot(b - a, b - a), 0, 1) * (b - a)))
+                   for a, b in edges)
+        inside = all((b - a)[0] * (p - a)[1] - (b - a)[1] * (p - a)[0] >= 0 for a, b in edges)
+        assert abs(float(d) - (-dist if inside else dist)) < 1e-3
+
+
+def test_blob_covers_the_requested_number_of_pixels() -> None:
+    for area in (6, 40, 333, 2500):
+        rng = np.random.default_rng(area)
+        cov, win, depth, _, _ = _blob(rng, 100.0, 100.0, area, 200, 200, 0.4, 1.5)
+        assert np.count_nonzero(depth > 0) == area
+        assert cov.shape == depth.shape == (win[0].stop - win[0].start, win[1].stop - win[1].start)
+        assert ((cov >= 0.5) == (depth > 0)).mean() > 0.95
+
+
+def test_view_warp_samples_the_canvas_through_the_homography() -> None:
+    """warp_view against a float64 bilinear sampling of the canvas at H (x, y, 1)."""
+    size, canvas = 24, 32
+    img = np.random.default_rng(1).random((canvas, canvas)).astype(np.float32)
+    for view in range(5):
+        hom = view_homography(np.random.default_rng(view), view, size, canvas)
+        got = warp_view(img, hom, size)
+        for y in range(size):
+            for x in range(size):
+                u, v, w = hom @ np.array([x, y, 1.0])
+                u, v = u / w, v / w
+                x0, y0 = int(np.floor(u)), int(np.floor(v))
+                if not (0 <= x0 < canvas - 1 and 0 <= y0 < canvas - 1):
+                    continue
+                fx, fy = u - x0, v - y0
+                ref = ((1 - fx) * (1 - fy) * img[y0, x0] + fx * (1 - fy) * img[y0, x0 + 1]
+                       + (1 - fx) * fy * img[y0 + 1, x0] + fx * fy * img[y0 + 1, x0 + 1])
+                assert abs(float(got[y, x]) - ref) < 2e-2
 
 
 def test_plan_reaches_tiny_and_large_subtle_and_obvious() -> None:
