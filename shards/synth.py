@@ -31,6 +31,7 @@ from typing import Callable, Iterator
 
 import cv2
 import numpy as np
+import tifffile
 from tqdm import tqdm
 
 from pipeline.errors import StorageError, UserError
@@ -161,8 +162,6 @@ class _Sink:
 def _encode(img: np.ndarray, suffix: str) -> bytes:
     if suffix == ".tiff":
         buf = io.BytesIO()
-        import tifffile
-
         tifffile.imwrite(buf, img, photometric="rgb", compression="zlib")
         return buf.getvalue()
     arr = img[..., ::-1] if img.ndim == 3 else img
