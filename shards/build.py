@@ -267,8 +267,16 @@ def build_shards(cfg: Config, progress: bool = False) -> dict[str, Any]:
     url = cfg.shards.url.rstrip("/")
     manifest_url = storage.join(url, MANIFEST)
     had_manifest = storage.exists(manifest_url)  # the store answers
+    writable = False
+
+    def ensure_writable() -> None:
+        nonlocal writable
+        if not writable:
+            storage.check_writable(url)
+            writable = True
+
     if not had_manifest:
-        storage.check_writable(url)  # a new build: fail now, not after scanning, if it cannot be written
+        ensure_writable()  # a new build: fail now, not after scanning, if it cannot be written
     for s in cfg.sources:
         _synthesize(s)
     scans = [scan_source(s) for s in cfg.sources]
@@ -292,7 +300,7 @@ def build_shards(cfg: Config, progress: bool = False) -> dict[str, Any]:
     if todo:
         from pipeline.rayctx import init_ray
 
-        storage.check_writable(url)
+        ensure_writable()
         if had_manifest:
             storage.remove(manifest_url)  # it no longer describes what is on storage
         log.info("%d of %d shards to write (%d already committed)", len(todo), len(plans), len(plans) - len(todo))
@@ -321,7 +329,7 @@ def build_shards(cfg: Config, progress: bool = False) -> dict[str, Any]:
     reports = _check_budget(cfg, inputs, manifest["quarantined"])
     if reports:
         failed = {**info, "status": "failed", "errors": reports, "quarantined": manifest["quarantined"]}
-        storage.check_writable(url)
+        ensure_writable()
         storage.write_text(storage.join(url, BUILD_INFO), _dumps(failed))
         raise DataError(
             "too many bad inputs; the shards are kept but no manifest is written:\n" + "\n".join(reports)
@@ -329,7 +337,7 @@ def build_shards(cfg: Config, progress: bool = False) -> dict[str, Any]:
         )
     text = _dumps(manifest)
     if todo or not had_manifest or storage.read_text(manifest_url) != text:
-        storage.check_writable(url)
+        ensure_writable()
         storage.write_text(storage.join(url, BUILD_INFO), _dumps(info))
         storage.write_text(manifest_url, text)  # last
         log.info("wrote %s: %d shards, %d samples", manifest_url, len(plans), manifest["totals"]["written"])

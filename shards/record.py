@@ -247,22 +247,28 @@ def check_image(data: bytes, ext: str) -> tuple[bytes, str, int, int, str, str |
         raise BadInput(f"corrupt or truncated image: {type(e).__name__}: {e}") from None
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _is_gray8_png(data: bytes) -> bool:
+    # IHDR is the first chunk: bit depth at byte 24, colour type at byte 25 (0 = grayscale).
+    return data[:8] == _PNG_SIGNATURE and len(data) > 25 and data[24] == 8 and data[25] == 0
+
+
 def check_mask(data: bytes, width: int, height: int) -> bytes:
     """A binary 0/255 mask PNG of the image's size, from the mask's bytes."""
     m = _open(data, "mask")
-    try:
-        if m.size != (width, height):
-            raise BadInput(f"mask size {m.size[0]}x{m.size[1]} differs from the image size {width}x{height}")
-        m.load()
-        arr = np.asarray(m.convert("RGB") if m.mode == "P" else m)
-    except BadInput:
-        raise
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise BadInput(f"corrupt or truncated mask: {type(e).__name__}: {e}") from None
+    if m.size != (width, height):
+        raise BadInput(f"mask size {m.size[0]}x{m.size[1]} differs from the image size {width}x{height}")
+    import cv2
+
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if arr is None or arr.shape[:2] != (height, width):
+        raise BadInput("corrupt or truncated mask: it cannot be decoded")
     if arr.ndim == 3:
         arr = arr[..., :3].max(axis=2)
     binary = arr > 0
-    if m.format == "PNG" and m.mode == "L" and not _is_16bit(m) and np.array_equal(arr, binary.astype(np.uint8) * 255):
+    if _is_gray8_png(data) and not np.any(arr[binary] != 255):
         return data
     return _png(Image.fromarray(binary.astype(np.uint8) * 255, "L"))
 

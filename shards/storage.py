@@ -205,7 +205,21 @@ def open_read(url: str):
 
 
 def check_writable(url: str) -> None:
-    """Fail early, before any work, when ``url`` cannot be written (bucket, credentials, endpoint)."""
+    """Fail early, before any work, when ``url`` cannot be written (bucket, credentials, endpoint).
+
+    Creates nothing that stays: a local folder that does not exist yet is not created here
+    (its nearest existing parent must be a writable folder); elsewhere a probe object is
+    written and removed.
+    """
+    if not is_remote(url):
+        _, path = filesystem(url)
+        parent = os.path.abspath(path)
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+            raise StorageError(f"cannot write to {url!r}: {parent!r} is not a writable folder")
+        if parent != os.path.abspath(path):
+            return
     probe = join(url, f".write-probe-{uuid.uuid4().hex[:8]}")
     try:
         write_bytes(probe, b"ok")
@@ -213,7 +227,9 @@ def check_writable(url: str) -> None:
         raise StorageError(
             f"cannot write to {url!r}: {e}. Create the bucket (or folder), or fix the URL."
         ) from None
-    remove(probe)
+    fs, path = filesystem(probe)
+    with storage_errors(probe):
+        fs.rm_file(path)
 
 
 def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw):

@@ -411,6 +411,9 @@ def test_masks_are_binarised_to_the_image_size():
         check_mask(m255, 16, 13)
     with pytest.raises(BadInput, match="mask is not a readable image"):
         check_mask(b"garbage", 16, 12)
+    big = png(((RNG.random((64, 64)) > 0.5) * 255).astype(np.uint8))
+    with pytest.raises(BadInput, match="corrupt or truncated mask"):
+        check_mask(big[: len(big) // 2], 64, 64)
 
 
 def _record(tmp_path: Path, data: bytes, mask: bytes | None, ext: str = "png") -> SampleRecord:
