@@ -7,6 +7,8 @@ returns the requested levels as (B, C, h, w) maps.
 - ViTs (``vit_*_patch14_dinov2``, CLIP towers such as ``vit_base_patch16_clip_224.openai``):
   ``levels`` are 1-based block indices; the raw block outputs are taken (no final norm, as
   in the released code), class/register tokens dropped, tokens reshaped to the patch grid.
+  Weight files go through timm's ViT checkpoint conversion (official DINOv2 and OpenAI CLIP
+  names, position embedding resampled to ``image_size``).
 - CNNs: ``levels`` are timm ``out_indices`` (the same stages ``features_only`` returns;
   tested), each level resized to a ``grid x grid`` map and keeping its own width.
 
@@ -298,6 +300,15 @@ def build_backbone(spec: BackboneSpec) -> FeatureExtractor:
     if not hasattr(model, "forward_intermediates"):
         raise UserError(f"backbone.name {spec.name!r}: this timm model has no multi-level feature API")
     template = model.state_dict()
+    loaded = None
+    if isinstance(spec.weights, (WeightsFile, WeightsPackage)):
+        loaded = read_weights(spec.weights, arch, template)
+        if is_vit:
+            # timm's own conversion: official DINOv2 / OpenAI CLIP key names, and the position
+            # embedding resampled from the checkpoint's resolution (e.g. 518) to image_size
+            from timm.models.vision_transformer import checkpoint_filter_fn
+
+            loaded = LoadedWeights(checkpoint_filter_fn(loaded.state_dict, model), loaded.sha256, loaded.desc)
 
     if is_vit:
         n_blocks = len(model.blocks)
@@ -334,7 +345,6 @@ def build_backbone(spec: BackboneSpec) -> FeatureExtractor:
     elif spec.weights == "pretrained":
         sha, desc = state_dict_sha256(model.state_dict()), f"timm pretrained ({model.pretrained_cfg.get('tag')})"
     else:
-        loaded = read_weights(spec.weights, arch, template)
         _load_into(model, loaded.state_dict, set(template), loaded.desc)
         sha, desc = loaded.sha256, loaded.desc
     ext = FeatureExtractor(model, spec, indices, widths, grid, is_vit, sha, desc)

@@ -74,8 +74,8 @@ def nearest_index(feat: Tensor, bank: Tensor, chunk: int = 4096) -> Tensor:
         ref_t = ref[0].T if shared else ref[s : s + per].transpose(1, 2)
         scale = inv[0] if shared else inv[s : s + per, None, :]
         for i in range(0, n, step):
-            sims = torch.matmul(q[s : s + per, i : i + step], ref_t) * scale
-            idx[s : s + per, i : i + step] = sims.argmax(-1)
+            # one expression: the previous block is freed before the next is allocated
+            idx[s : s + per, i : i + step] = torch.matmul(q[s : s + per, i : i + step], ref_t).mul_(scale).argmax(-1)
     return idx
 
 

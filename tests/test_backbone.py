@@ -158,6 +158,26 @@ def test_weights_file_round_trip(tmp_path, fmt):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_vit_weights_file_at_another_resolution_loads_as_timm_does(tmp_path):
+    """A DINOv2 checkpoint as published (position embedding for 518 px) used at 224 px: the same
+    features as timm's own loading of that file as pretrained weights."""
+    torch.manual_seed(5)
+    src = timm.create_model("vit_small_patch14_dinov2")  # img_size 518: 37 x 37 position embedding
+    assert src.pos_embed.shape[1] == 1 + 37 * 37
+    path = tmp_path / "dinov2_s.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, path)
+    ext = build_backbone(spec(name="vit_small_patch14_dinov2", levels=[2, 4], weights={"file": str(path)}, bf16=False))
+    ref = timm.create_model(
+        "vit_small_patch14_dinov2", img_size=224, pretrained=True, pretrained_cfg_overlay={"file": str(path)}
+    ).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        expected = ref.forward_intermediates(x, indices=[1, 3], norm=False, intermediates_only=True)
+    for o, e in zip(ext(x), expected):
+        assert o.shape == (1, 384, 16, 16)
+        torch.testing.assert_close(o, e, rtol=1e-5, atol=1e-5)
+
+
 def test_wrong_weights_files_fail_clearly(tmp_path):
     def build(file: str):
         return build_backbone(spec(name="tf_efficientnet_lite0", levels=[1, 2], weights={"file": file}))
