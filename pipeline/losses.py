@@ -1,12 +1,12 @@
 """The two pretraining losses (METHOD.md section 4), chunked and multi-rank.
 
 Angle loss: z = normalise(e - mu) for both views (2N vectors); for every patch,
-``loss_i = s+_i / tau`` subtracted from ``logsumexp_j(z_i . z_j / tau)`` over its negatives
-(every patch of the other label, both views, all ranks); mean over all 2N patches of the
-global batch. The logsumexp is streamed over blocks of ``chunk_size`` rows x ``chunk_size``
-negatives by a custom autograd function that recomputes each block in the backward pass,
-so neither pass ever holds the N_normal x N_abnormal similarity matrix: peak memory is
-O(chunk_size^2) for the blocks plus O(N x C) for the features.
+``loss_i = logsumexp_{j in neg(i)}(z_i . z_j / tau) - s+_i / tau`` where neg(i) is every
+patch of the other label (both views, all ranks) and s+_i = z'_i . z''_i; mean over all 2N
+patches of the global batch. The logsumexp is streamed over blocks of ``chunk_size`` rows x
+``chunk_size`` negatives by a custom autograd function that recomputes each block in the
+backward pass, so neither pass ever holds the N_normal x N_abnormal similarity matrix: peak
+memory is O(chunk_size^2) for the blocks plus O(N x C) for the features.
 
 Norm loss: a = sqrt(||e|| + 1) - 1; radius from the (global) minimum over abnormal patches;
 weighted softplus penalties per group, each group's mean over the global batch, an empty
@@ -84,48 +84,77 @@ def _gather_rows(z: Tensor, labels: Tensor, group: ProcessGroup) -> tuple[Tensor
     return zg, yg
 
 
-class _StreamedLogSumExp(torch.autograd.Function):
-    """lse_i = log sum_j exp(q_i . k_j * inv_tau), streamed over (chunk x chunk) blocks.
+def _blocks(idx: Tensor, size: int) -> list[Tensor]:
+    return list(idx.split(size)) if idx.numel() else []
 
-    The backward pass recomputes each block from q, k and the saved lse, so memory stays
-    O(chunk^2) beyond the inputs in both passes.
+
+class _AngleRows(torch.autograd.Function):
+    """Per-row angle loss ``lse_i - inv_tau * z_i . z_partner(i)`` of the 2n local rows of q.
+
+    Rows 0..n-1 of q are view 1 and rows n..2n-1 view 2, so the partner of row i is row
+    i +- n. lse_i = log sum over the columns j of k with the other label of
+    exp(q_i . k_j * inv_tau). Rows and columns are taken in blocks of ``chunk`` by index (no
+    copy of the features), and the backward pass recomputes each (chunk x chunk) block from
+    q, k and the saved lse: memory beyond the features and their gradients is O(chunk^2) in
+    both passes.
     """
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, inv_tau: float, chunk: int) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, q: Tensor, k: Tensor, q_abnormal: Tensor, k_abnormal: Tensor, inv_tau: float, chunk: int
+    ) -> Tensor:
         lse = torch.empty(q.shape[0], dtype=q.dtype, device=q.device)
-        with torch.autocast(q.device.type, enabled=False):
-            for r0 in range(0, q.shape[0], chunk):
-                qb = q[r0 : r0 + chunk]
-                acc = torch.full((qb.shape[0],), float("-inf"), dtype=q.dtype, device=q.device)
-                for c0 in range(0, k.shape[0], chunk):
-                    s = torch.mm(qb, k[c0 : c0 + chunk].T).mul_(inv_tau)
+        for rows, cols in _pairs(q_abnormal, k_abnormal, chunk):  # the caller has autocast off
+            for r in rows:
+                qb = q.index_select(0, r)
+                acc = torch.full((r.numel(),), float("-inf"), dtype=q.dtype, device=q.device)
+                for c in cols:
+                    s = torch.mm(qb, k.index_select(0, c).T).mul_(inv_tau)
                     acc = torch.logaddexp(acc, torch.logsumexp(s, dim=1))
                     del s
-                lse[r0 : r0 + chunk] = acc
-        ctx.save_for_backward(q, k, lse)
-        ctx.inv_tau, ctx.chunk = inv_tau, chunk
-        return lse
+                lse.index_copy_(0, r, acc)
+        ctx.save_for_backward(q, k, q_abnormal, k_abnormal, lse)
+        ctx.inv_tau, ctx.chunk, ctx.shared = inv_tau, chunk, q is k
+        n = q.shape[0] // 2
+        pos = torch.linalg.vecdot(q[:n], q[n:]) * inv_tau
+        return lse - torch.cat([pos, pos])
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:  # type: ignore[override]
-        q, k, lse = ctx.saved_tensors
-        inv_tau, chunk = ctx.inv_tau, ctx.chunk
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor | None, None, None, None, None]:  # type: ignore[override]
+        q, k, q_abnormal, k_abnormal, lse = ctx.saved_tensors
+        inv_tau = ctx.inv_tau
         dq = torch.zeros_like(q)
-        dk = torch.zeros_like(k)
+        dk = dq if ctx.shared else torch.zeros_like(k)  # one process: rows and columns are one tensor
         scale = grad.to(q.dtype) * inv_tau
         with torch.autocast(q.device.type, enabled=False):
-            for r0 in range(0, q.shape[0], chunk):
-                qb, lb, gb = q[r0 : r0 + chunk], lse[r0 : r0 + chunk, None], scale[r0 : r0 + chunk, None]
-                dqb = dq[r0 : r0 + chunk]
-                for c0 in range(0, k.shape[0], chunk):
-                    kb = k[c0 : c0 + chunk]
-                    # p_ij = softmax weight of negative j for row i, times the row's upstream gradient / tau
-                    p = torch.mm(qb, kb.T).mul_(inv_tau).sub_(lb).exp_().mul_(gb)
-                    dqb.addmm_(p, kb)
-                    dk[c0 : c0 + chunk].addmm_(p.T, qb)
-                    del p
-        return dq, dk, None, None
+            for rows, cols in _pairs(q_abnormal, k_abnormal, ctx.chunk):
+                for r in rows:
+                    qb = q.index_select(0, r)
+                    lb, gb = lse[r, None], scale[r, None]
+                    dqb = torch.zeros_like(qb)
+                    for c in cols:
+                        kb = k.index_select(0, c)
+                        # p_ij: softmax weight of negative j for row i, times the row's upstream gradient / tau
+                        p = torch.mm(qb, kb.T).mul_(inv_tau).sub_(lb).exp_().mul_(gb)
+                        dqb.addmm_(p, kb)
+                        dk.index_add_(0, c, torch.mm(p.T, qb))
+                        del p
+                    dq.index_add_(0, r, dqb)
+            # the positive term of rows i and partner(i) both hold z_i . z_partner(i)
+            n = q.shape[0] // 2
+            pair = (scale[:n] + scale[n:])[:, None]
+            dq[:n].addcmul_(q[n:], pair, value=-1.0)
+            dq[n:].addcmul_(q[:n], pair, value=-1.0)
+        return dq, None if ctx.shared else dk, None, None, None, None
+
+
+def _pairs(q_abnormal: Tensor, k_abnormal: Tensor, chunk: int) -> list[tuple[list[Tensor], list[Tensor]]]:
+    """(row blocks, column blocks): normal rows against abnormal columns, and the reverse."""
+    qa = q_abnormal.nonzero().squeeze(1)
+    qn = (~q_abnormal).nonzero().squeeze(1)
+    ka = k_abnormal.nonzero().squeeze(1)
+    kn = (~k_abnormal).nonzero().squeeze(1)
+    return [(_blocks(qn, chunk), _blocks(ka, chunk)), (_blocks(qa, chunk), _blocks(kn, chunk))]
 
 
 def angle_loss(
@@ -153,31 +182,22 @@ def angle_loss(
     dtype = _compute_dtype(e1)
     inv_tau = 1.0 / tau
     with torch.autocast(e1.device.type, enabled=False):
-        mu = center.to(dtype)
-        z1 = F.normalize(e1.to(dtype) - mu, dim=1)
-        z2 = F.normalize(e2.to(dtype) - mu, dim=1)
-        z = torch.cat([z1, z2])
+        # rows 0..N-1: view 1, rows N..2N-1: view 2 (the positive of row i is row i +- N)
+        z = F.normalize(torch.cat([e1.to(dtype), e2.to(dtype)]).sub_(center.to(dtype)), dim=1)
         y2 = torch.cat([y, y])
-        qn, qa = z[~y2], z[y2]
         if group is None:
-            kn, ka = qn, qa
-            total = z.shape[0]
+            zk, yk = z, y2
         else:
-            zg, yg = _gather_rows(z, y2, group)
-            kn, ka = zg[~yg], zg[yg]
-            total = zg.shape[0]
-        if ka.shape[0] == 0:
+            zk, yk = _gather_rows(z, y2, group)
+        n_abnormal = int(yk.sum())
+        if n_abnormal == 0:
             raise ValueError(
                 "angle_loss: the batch has no abnormal patch, so normal patches have no negatives; "
                 "every batch must hold anomalies (mix normal and abnormal streams)"
             )
-        if kn.shape[0] == 0:
+        if n_abnormal == yk.numel():
             raise ValueError("angle_loss: the batch has no normal patch, so abnormal patches have no negatives")
-        lse = _StreamedLogSumExp.apply(qn, ka, inv_tau, chunk_size).sum()
-        lse = lse + _StreamedLogSumExp.apply(qa, kn, inv_tau, chunk_size).sum()
-        # each positive pair appears twice: once as a row of view 1, once as a row of view 2
-        pos = (z1 * z2).sum()
-        return (lse - 2.0 * inv_tau * pos) / total
+        return _AngleRows.apply(z, zk, y2, yk, inv_tau, chunk_size).sum() / yk.numel()
 
 
 def norm_loss(e: Tensor, labels: Tensor, group: ProcessGroup | None = None) -> Tensor:
