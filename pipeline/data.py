@@ -30,6 +30,7 @@ from pipeline.transforms import (
     image_to_tensor,
     mask_to_tensor,
     normalize,
+    patch_labels,
 )
 from shards.build import read_manifest, shard_urls
 from shards.storage import register_webdataset_schemes
@@ -134,11 +135,13 @@ class MixedBatches(IterableDataset):
     """Endless batches: ``n_abnormal`` abnormal + the rest normal images, sources mixed by weight.
 
     Yields dicts: view1, view2 (B, 3, S, S) normalised; mask (B, S, S) bool; label (B,);
-    group (list of reference-bank groups); skipped (corrupt samples skipped since the last batch).
+    group (list of reference-bank groups); skipped (corrupt samples skipped since the last
+    batch); too_small (abnormal samples passed over since the last batch, see ``_visible``).
     """
 
-    def __init__(self, plan: StreamPlan, cfg: Config, mean, std, rank: int, restart: int = 0):
+    def __init__(self, plan: StreamPlan, cfg: Config, mean, std, grid: int, rank: int, restart: int = 0):
         super().__init__()
+        self.grid, self.loss = grid, cfg.loss
         self.plan, self.mean, self.std = plan, tuple(mean), tuple(std)
         self.size = cfg.backbone.image_size
         self.batch = cfg.data.batch_size
@@ -160,13 +163,23 @@ class MixedBatches(IterableDataset):
         while True:
             yield next(its[idx[rng.choice(len(idx), p=w / w.sum())]])
 
+    def _visible(self, items: Iterator[Decoded], stats: dict) -> Iterator[Decoded]:
+        """Abnormal samples whose defect labels at least one patch for the angle loss; the
+        others (defects too small for the patch grid) are passed over and counted, so every
+        batch on every rank holds negatives."""
+        for d in items:
+            if patch_labels(d.mask[None], self.grid, self.loss.angle_labels, self.loss.angle_pixel_threshold).any():
+                yield d
+            else:
+                stats["too_small"] += 1
+
     def __iter__(self) -> Iterator[dict]:
-        stats: dict = {"skipped": 0}
+        stats: dict = {"skipped": 0, "too_small": 0}
         normal = self._mixed(list(self.plan.normal), 0, stats)
-        abnormal = self._mixed(list(self.plan.abnormal), 1, stats)
+        abnormal = self._visible(self._mixed(list(self.plan.abnormal), 1, stats), stats)
         views = PhotometricViews(self.size, self.augment)
         torch.manual_seed(self._seed(2))
-        reported = 0
+        reported = (0, 0)
         while True:
             items = [next(abnormal) for _ in range(self.n_abnormal)]
             items += [next(normal) for _ in range(self.batch - self.n_abnormal)]
@@ -177,14 +190,16 @@ class MixedBatches(IterableDataset):
                 "mask": torch.stack([d.mask for d in items]),
                 "label": torch.tensor([int(d.meta["label"]) for d in items]),
                 "group": [group_of(d.meta) for d in items],
-                "skipped": stats["skipped"] - reported,  # new since the previous batch
+                # counts new since the previous batch
+                "skipped": stats["skipped"] - reported[0],
+                "too_small": stats["too_small"] - reported[1],
             }
-            reported = stats["skipped"]
+            reported = (stats["skipped"], stats["too_small"])
 
 
-def train_loader(cfg: Config, mean, std, rank: int, restart: int = 0) -> DataLoader:
+def train_loader(cfg: Config, mean, std, grid: int, rank: int, restart: int = 0) -> DataLoader:
     plan = StreamPlan.from_config(cfg)
-    ds = MixedBatches(plan, cfg, mean, std, rank, restart)
+    ds = MixedBatches(plan, cfg, mean, std, grid, rank, restart)
     w = cfg.data.loader_workers
     return DataLoader(ds, batch_size=None, num_workers=w, persistent_workers=w > 0,
                       prefetch_factor=2 if w > 0 else None)

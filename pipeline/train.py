@@ -159,8 +159,8 @@ def train_loop(loop_config: dict) -> None:
 
     tracker = RunTracker.attach(cfg.tracking, loop_config["run_id"]) if rank == 0 and loop_config.get("run_id") else None
     step_math = Step(cfg, backbone, store, centers, group)
-    loader = iter(train_loader(cfg, backbone.mean, backbone.std, rank, restart=start))
-    skipped = 0
+    loader = iter(train_loader(cfg, backbone.mean, backbone.std, backbone.grid, rank, restart=start))
+    skipped = too_small = 0
     window = {"data": 0.0, "total": 0.0, "n": 0}
     for step in range(start, cfg.train.steps):
         t0 = time.perf_counter()
@@ -179,6 +179,7 @@ def train_loop(loop_config: dict) -> None:
         window["n"] += 1
 
         skipped += int(batch["skipped"])
+        too_small += int(batch["too_small"])
         done = step + 1
         names = ["loss", *parts]
         vals = torch.stack([total.detach().float(), *[p.float() for p in parts.values()]]).cpu()
@@ -190,6 +191,7 @@ def train_loop(loop_config: dict) -> None:
             samples_per_s=cfg.data.batch_size * world * window["n"] / max(window["total"], 1e-9),
             data_wait_fraction=window["data"] / max(window["total"], 1e-9),
             skipped_samples=skipped,
+            defects_too_small=too_small,
             step=done,
         )
         if tracker is not None and done % cfg.train.log_every == 0:
