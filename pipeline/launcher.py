@@ -128,7 +128,7 @@ def pretrain(cfg: Config, parent_run_id: str | None = None) -> PretrainResult:
     export_dir = os.path.join(run_dir(cfg), "export")
     with result.checkpoint.as_directory() as d:
         state = load_file(os.path.join(d, PROJECTOR_FILE))
-    provenance = {"run_id": tracker.run_id, "checkpoint": result.checkpoint.path, **tags}
+    provenance = {"run_id": tracker.run_id, "checkpoint": result.checkpoint.path, "config_digest": cfg.digest(), **tags}
     save_export(export_dir, state, centers, backbone, cfg.backbone, cfg.projector, provenance)
     version = tracker.log_model(export_dir, cfg.tracking.model_name,
                                 tags={"run_id": tracker.run_id, "data.manifest_sha256": tags["data.manifest_sha256"]})
