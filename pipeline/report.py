@@ -1,0 +1,169 @@
+"""The run report: one self-contained folder (report.html + PNGs), also logged to MLflow.
+
+It shows what a person checks after a run: the headline comparison (pretrained vs
+residual vs raw features on the held-out classes), the loss curves, the anomaly maps and
+the patch-score histograms, the model-selection decision, the data and the stage timings.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import os
+import shutil
+from datetime import datetime, timezone
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from pipeline.config import Config  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+HEADLINE = ("image_auroc", "pixel_auroc", "aupro")
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;color:#222;
+line-height:1.45;padding:0 1rem}h1{margin-bottom:.2rem}h2{border-bottom:1px solid #ddd;padding-bottom:.2rem;
+margin-top:2.2rem}.sub{color:#666;margin-top:0}table{border-collapse:collapse;margin:.6rem 0;font-size:.92rem}
+th,td{border:1px solid #ddd;padding:.25rem .6rem;text-align:right}th{background:#f4f4f4}
+td.l,th.l{text-align:left}.best{font-weight:700;background:#eaf6ea}.warn{background:#fff3cd;border:1px solid #e0c36a;
+padding:.6rem 1rem;border-radius:4px}img{max-width:100%;border:1px solid #eee;margin:.4rem 0}
+pre{background:#f7f7f7;padding:.7rem;overflow-x:auto;font-size:.85rem}.grid{display:grid;
+grid-template-columns:repeat(auto-fill,minmax(480px,1fr));gap:.8rem}figcaption{color:#555;font-size:.85rem}
+"""
+
+
+def _esc(v: Any) -> str:
+    return html.escape(str(v))
+
+
+def _fmt(v: Any) -> str:
+    return "n/a" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+
+
+def headline_table(rows: list[dict], split: str = "eval") -> str:
+    """Mean over classes per source: methods as rows, kinds as columns, per headline metric;
+    the best kind of each method and metric is highlighted."""
+    means = [r for r in rows if r["class"] == "mean" and r["split"] == split]
+    if not means:
+        return "<p>No evaluation results.</p>"
+    kinds = list(dict.fromkeys(r["kind"] for r in means))
+    out = []
+    for source in dict.fromkeys(r["source"] for r in means):
+        head = "".join(f"<th>{_esc(m)}<br>{_esc(k)}</th>" for m in HEADLINE for k in kinds)
+        body = []
+        for method in dict.fromkeys(r["method"] for r in means if r["source"] == source):
+            cells = []
+            for m in HEADLINE:
+                vals = {r["kind"]: r[m] for r in means if r["source"] == source and r["method"] == method}
+                best = max((v for v in vals.values() if v is not None), default=None)
+                for k in kinds:
+                    v = vals.get(k)
+                    cls = ' class="best"' if v is not None and v == best else ""
+                    cells.append(f"<td{cls}>{_fmt(v)}</td>")
+            body.append(f'<tr><td class="l">{_esc(method)}</td>{"".join(cells)}</tr>')
+        out.append(f"<h3>{_esc(source)}</h3><table><tr><th class=l>method</th>{head}</tr>{''.join(body)}</table>")
+    return "\n".join(out)
+
+
+def _loss_curves(cfg: Config, run_id: str, path: str) -> bool:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(cfg.tracking.uri)
+    keys = sorted(k for k in client.get_run(run_id).data.metrics if k == "loss" or k.split("/")[0] in ("angle", "norm1", "norm2"))
+    if not keys:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    for k in keys:
+        hist = sorted(client.get_metric_history(run_id, k), key=lambda m: m.step)
+        ax = axes[0] if k == "loss" else axes[1]
+        ax.plot([m.step for m in hist], [m.value for m in hist], label=k, lw=1.4)
+    axes[0].set_title("total loss (sum over levels)")
+    axes[1].set_title("per level: angle and norm (two views)")
+    axes[1].set_yscale("symlog", linthresh=1e-2)
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _pictures(eval_dir: str, dest: str) -> dict[str, list[str]]:
+    """Copy the evaluation's pictures into the report folder; returns relative paths by kind."""
+    out: dict[str, list[str]] = {}
+    for sub in ("maps", "norms"):
+        src = os.path.join(eval_dir, "pictures", sub)
+        if not os.path.isdir(src):
+            continue
+        os.makedirs(os.path.join(dest, sub), exist_ok=True)
+        for name in sorted(os.listdir(src)):
+            shutil.copy2(os.path.join(src, name), os.path.join(dest, sub, name))
+            out.setdefault(sub, []).append(f"{sub}/{name}")
+    return out
+
+
+def write_report(cfg: Config, chain) -> str:
+    """Write ``{workdir}/{name}/report/report.html``; log the folder to the pretraining run."""
+    from pipeline.export import read_spec
+    from pipeline.launcher import run_dir
+    from pipeline.tracking import RunTracker
+    from shards.build import summary_table
+
+    folder = os.path.join(run_dir(cfg), "report")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    spec = read_spec(os.path.join(run_dir(cfg), "export"))
+    run_id = spec["provenance"]["run_id"]
+    ev = chain.evaluation
+    parts = [f"<h1>adpretrain run <code>{_esc(cfg.name)}</code></h1>",
+             f'<p class="sub">{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} · backbone {_esc(spec["backbone"]["name"])} '
+             f'levels {_esc(spec["backbone"]["levels"])} · {_esc(spec["weights"])} · {cfg.train.num_workers} workers · '
+             f'{cfg.train.steps} steps · MLflow run <code>{_esc(run_id)}</code></p>']
+    if spec.get("random_weights"):
+        parts.append('<p class="warn"><b>RANDOM WEIGHTS:</b> the backbone is not pretrained; these numbers say '
+                     "nothing about a real backbone.</p>")
+    parts.append("<h2>Held-out classes: pretrained vs residual vs raw features</h2>")
+    parts.append("<p>Mean over the held-out evaluation classes (never seen in pretraining, never used for model "
+                 "selection). Best feature kind per method and metric in bold.</p>")
+    parts.append(headline_table(ev.rows, "eval") if ev else "<p>Evaluation did not run.</p>")
+    if ev and ev.selection:
+        s = ev.selection
+        parts.append("<h2>Model selection (validation source)</h2>")
+        parts.append(f"<pre>{_esc(json.dumps(s, indent=1))}</pre>")
+    parts.append("<h2>Training</h2>")
+    if _loss_curves(cfg, run_id, os.path.join(folder, "loss.png")):
+        parts.append('<img src="loss.png" alt="loss curves">')
+    pics = _pictures(ev.out_dir, folder) if ev else {}
+    if pics.get("norms"):
+        parts.append("<h2>Patch scores, normal vs abnormal patches</h2><div class=grid>")
+        parts += [f'<figure><img src="{p}"><figcaption>{_esc(p)}</figcaption></figure>' for p in pics["norms"]]
+        parts.append("</div>")
+    if pics.get("maps"):
+        parts.append("<h2>Anomaly maps</h2>")
+        parts += [f'<figure><img src="{p}"><figcaption>{_esc(p)}</figcaption></figure>' for p in pics["maps"]]
+    if ev:
+        parts.append("<h2>All means</h2><pre>" + _esc(ev.table_markdown()) + "</pre>")
+    if chain.manifest is not None:
+        parts.append("<h2>Data</h2><pre>" + _esc(summary_table(chain.manifest)) + "</pre>")
+    if chain.timings:
+        rows = "".join(f'<tr><td class="l">{_esc(s)}</td><td>{t:.1f}</td><td class="l">{_esc(st)}</td></tr>'
+                       for s, t, st in chain.timings)
+        parts.append(f"<h2>Stages</h2><table><tr><th class=l>stage</th><th>seconds</th><th class=l>status</th></tr>{rows}</table>")
+    page = f"<!doctype html><html><head><meta charset=utf-8><title>adpretrain {_esc(cfg.name)}</title>" \
+           f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>"
+    path = os.path.join(folder, "report.html")
+    with open(path + ".tmp", "w") as f:
+        f.write(page)
+    os.replace(path + ".tmp", path)
+    tracker = RunTracker.attach(cfg.tracking.model_copy(update={"system_metrics": False}), run_id)
+    tracker.log_artifacts(folder, "report")
+    tracker.flush()
+    log.info("report: %s", path)
+    return path
