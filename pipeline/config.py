@@ -272,6 +272,15 @@ class Config(Strict):
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
+    def train_digest(self) -> str:
+        """Hash of what determines the trained projector (data, model, loss, schedule), not of
+        how the run is operated (failures allowed, logging, storage, evaluation, tracking)."""
+        d = self.to_dict()
+        train = {k: v for k, v in d["train"].items() if k not in ("max_failures", "log_every", "storage")}
+        keep = {k: d[k] for k in ("seed", "backbone", "refbank", "centers", "projector", "loss", "data")}
+        keep.update(train=train, shards=d["shards"]["url"], sources=[s for s in d["sources"] if s["split"] == "pretrain"])
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
+
 
 def _format_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid config {source}:"]

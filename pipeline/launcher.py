@@ -100,9 +100,12 @@ def pretrain(cfg: Config, parent_run_id: str | None = None) -> PretrainResult:
     tracker = RunTracker.start(cfg.tracking, cfg, run_name=cfg.name, tags=tags, parent_run_id=parent_run_id)
 
     init_ray(cfg.ray)
+    ray_run = f"{cfg.name}-{cfg.train_digest()[:10]}"  # a rerun of the same training resumes
+    storage_path = _storage_path(cfg.train.storage)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg.to_dict(), "run_id": tracker.run_id},
+        train_loop_config={"cfg": cfg.to_dict(), "run_id": tracker.run_id,
+                           "storage_uri": storage.join(storage_path, ray_run)},
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,
@@ -110,8 +113,8 @@ def pretrain(cfg: Config, parent_run_id: str | None = None) -> PretrainResult:
         ),
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         run_config=RunConfig(
-            name=cfg.name,
-            storage_path=_storage_path(cfg.train.storage),
+            name=ray_run,
+            storage_path=storage_path,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
@@ -128,7 +131,7 @@ def pretrain(cfg: Config, parent_run_id: str | None = None) -> PretrainResult:
     export_dir = os.path.join(run_dir(cfg), "export")
     with result.checkpoint.as_directory() as d:
         state = load_file(os.path.join(d, PROJECTOR_FILE))
-    provenance = {"run_id": tracker.run_id, "checkpoint": result.checkpoint.path, "config_digest": cfg.digest(), **tags}
+    provenance = {"run_id": tracker.run_id, "checkpoint": result.checkpoint.path, "train_digest": cfg.train_digest(), **tags}
     save_export(export_dir, state, centers, backbone, cfg.backbone, cfg.projector, provenance)
     version = tracker.log_model(export_dir, cfg.tracking.model_name,
                                 tags={"run_id": tracker.run_id, "data.manifest_sha256": tags["data.manifest_sha256"]})

@@ -79,7 +79,7 @@ def _export_matches(cfg: Config) -> bool:
         with open(os.path.join(folder, "spec.json")) as f:
             spec = json.load(f)
         return os.path.isfile(os.path.join(folder, "registered.json")) and \
-            spec["provenance"].get("config_digest") == cfg.digest()
+            spec["provenance"].get("train_digest") == cfg.train_digest()
     except (OSError, KeyError, ValueError):
         return False
 

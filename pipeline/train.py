@@ -197,13 +197,13 @@ def train_loop(loop_config: dict) -> None:
         if tracker is not None and done % cfg.train.log_every == 0:
             tracker.log_metrics({k_: v for k_, v in metrics.items() if k_ != "step"}, step=done)
         if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
-            _checkpoint(engine, projector, metrics, done, tracker, cfg, save_file)
+            _checkpoint(engine, projector, metrics, done, tracker, loop_config.get("storage_uri", ""), save_file)
             window = {"data": 0.0, "total": 0.0, "n": 0}
     if tracker is not None:
         tracker.flush()
 
 
-def _checkpoint(engine, projector, metrics: dict, step: int, tracker, cfg: Config, save_file) -> None:
+def _checkpoint(engine, projector, metrics: dict, step: int, tracker, storage_uri: str, save_file) -> None:
     import ray.train
     from ray.train import Checkpoint
 
@@ -216,4 +216,4 @@ def _checkpoint(engine, projector, metrics: dict, step: int, tracker, cfg: Confi
             save_file(state, proj_file)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
         if tracker is not None:
-            tracker.log_checkpoint(step, f"{cfg.train.storage.rstrip('/')}/{cfg.name}", proj_file)
+            tracker.log_checkpoint(step, storage_uri, proj_file)
