@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from pipeline.config import load_config
-from pipeline.errors import UserError
+from pipeline.errors import DataError, UserError
 from pipeline.evaluate.jobs import METRICS, NA, PIXEL_METRICS, evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -236,6 +236,10 @@ def test_user_errors(setup):
         evaluate(bad, parallel=False, progress=False)
     with pytest.raises(UserError, match="not eval/val sources"):
         evaluate(setup.cfg, sources=["pre"], parallel=False, progress=False)
+    # an error inside a Ray task reaches the caller as the same one-line error
+    few = load_config({**setup.raw, "eval": {**setup.raw["eval"], "k_shot": 8}})
+    with pytest.raises(DataError, match="8 normal training images, but eval.k_shot=8 references"):
+        evaluate(few, sources=["valset"], parallel=True, progress=False)
     # the cluster entry point reports a user error in one line, exit code 2
     out = subprocess.run([sys.executable, os.path.join(REPO, "launch", "evaluate.py"), "--config", setup.path,
                           "--checkpoint", os.path.join(setup.tmp, "missing")],

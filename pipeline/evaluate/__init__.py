@@ -1,0 +1,1 @@
+"""Downstream evaluation: metrics, maps, methods (FeatureNorm, PatchCore, PaDiM) and the jobs."""

@@ -724,19 +724,26 @@ def evaluate(cfg: Config, model: str | None = None, checkpoint: str | None = Non
     """
     from pipeline.export import read_spec
     from pipeline.launcher import run_dir
-    from pipeline.tracking import RunTracker, ensure_store, select_champion
+    from pipeline.tracking import ensure_store, select_champion
     from shards.build import read_manifest, shard_urls
 
+    if not cfg.eval.methods or not cfg.eval.kinds:
+        raise UserError(f"eval.methods {list(cfg.eval.methods)} and eval.kinds {list(cfg.eval.kinds)} must not be empty")
     srcs = _select_sources(cfg, sources)
     has_val = any(s.split == "val" for s in srcs)
     if has_val:
         _check_selection_metric(cfg.eval)
     ref = resolve_model(cfg, model, checkpoint)
+    decide = has_val and register_decision and ref.version is not None
+    if decide and ref.name != cfg.tracking.model_name:
+        raise UserError(f"the model is registered as {ref.name!r} but tracking.model_name is "
+                        f"{cfg.tracking.model_name!r}; set tracking.model_name={ref.name}")
+    if not has_val and register_decision and ref.version is not None:
+        log.warning("no split: val source is evaluated: the champion alias is left as it is")
     spec = read_spec(ref.folder)
     if spec.get("random_weights"):
         log.warning("the model's backbone has RANDOM weights (the config said so): results do not reflect "
                     "a pretrained backbone")
-    size = int(spec["image_size"])
     blob = ExportBlob.read(ref.folder)
     manifest = read_manifest(cfg.shards.url)
     work = []
@@ -750,7 +757,7 @@ def evaluate(cfg: Config, model: str | None = None, checkpoint: str | None = Non
 
     start = time.perf_counter()
     runner = _run_ray if parallel else _run_sequential
-    infos, cells = runner(cfg, blob, work, size, progress)
+    infos, cells = runner(cfg, blob, work, int(spec["image_size"]), progress)
     log.info("evaluated %d classes x %d methods x %d kinds in %.1f s", len(infos), len(cfg.eval.methods),
              len(cfg.eval.kinds), time.perf_counter() - start)
     rows = _rows(infos, cells)
@@ -764,16 +771,23 @@ def evaluate(cfg: Config, model: str | None = None, checkpoint: str | None = Non
         else:
             selection = {"metric": cfg.eval.selection_metric, "new_value": value, "champion_value": None,
                          "version": ref.version, "decision": None}
-            if ref.version is not None and register_decision:
-                if ref.name != cfg.tracking.model_name:
-                    raise UserError(f"the model is registered as {ref.name!r} but tracking.model_name is "
-                                    f"{cfg.tracking.model_name!r}; set tracking.model_name={ref.name}")
+            if decide:
                 selection.update(select_champion(cfg.tracking, ref.version, cfg.eval.selection_metric, value))
-    elif ref.version is not None and register_decision:
-        log.warning("no split: val source evaluated: the champion alias is left as it is")
 
-    parent = _parent_run(cfg, spec)
-    tags = {"adpretrain.kind": "evaluation", "adpretrain.model": ref.label, "adpretrain.eval.k_shot": str(cfg.eval.k_shot)}
+    out_dir = os.path.join(run_dir(cfg), cfg.eval.out)
+    files = _write_outputs(out_dir, rows, infos, cells, cfg, ref, spec, selection)
+    run_id, uri = _log_run(cfg, ref, spec, rows, selection, out_dir)
+    return EvalResult(rows=rows, out_dir=out_dir, files=files, references={f"{i.source}/{i.cls}": i.refs for i in infos},
+                      model=ref.label, selection=selection, run_id=run_id, tracking_uri=uri)
+
+
+def _log_run(cfg: Config, ref: ModelRef, spec: dict, rows: list[dict], selection: dict | None,
+             out_dir: str) -> tuple[str, str]:
+    """The MLflow evaluation run: metrics per class and means, the decision, the output folder."""
+    from pipeline.tracking import RunTracker
+
+    tags = {"adpretrain.kind": "evaluation", "adpretrain.model": ref.label,
+            "adpretrain.eval.k_shot": str(cfg.eval.k_shot)}
     if ref.version:
         tags["adpretrain.model.version"] = f"{ref.name}/{ref.version}"
     if spec.get("random_weights"):
@@ -781,20 +795,13 @@ def evaluate(cfg: Config, model: str | None = None, checkpoint: str | None = Non
     if selection is not None:
         tags["adpretrain.selection"] = json.dumps(selection)
     run_name = f"{cfg.name}-eval" + (f"-v{ref.version}" if ref.version else "")
-    tracker = RunTracker.start(cfg.tracking, cfg, run_name=run_name, tags=tags, parent_run_id=parent)
-    try:
-        out_dir = os.path.join(run_dir(cfg), cfg.eval.out)
-        files = _write_outputs(out_dir, rows, infos, cells, cfg, ref, spec, selection)
-        metrics = _mlflow_metrics(rows)
-        if selection is not None:
-            metrics["selection/value"] = selection["new_value"]
-            if selection.get("champion_value") is not None:
-                metrics["selection/champion_value"] = selection["champion_value"]
+    metrics = _mlflow_metrics(rows)
+    if selection is not None:
+        metrics["selection/value"] = selection["new_value"]
+        if selection.get("champion_value") is not None:
+            metrics["selection/champion_value"] = selection["champion_value"]
+    with RunTracker.start(cfg.tracking, cfg, run_name=run_name, tags=tags,
+                          parent_run_id=_parent_run(cfg, spec)) as tracker:
         tracker.log_metrics(metrics, step=0)
         tracker.log_artifacts(out_dir, "evaluation")
-    except BaseException:
-        tracker.end("FAILED")
-        raise
-    tracker.end("FINISHED")
-    return EvalResult(rows=rows, out_dir=out_dir, files=files, references={f"{i.source}/{i.cls}": i.refs for i in infos},
-                      model=ref.label, selection=selection, run_id=tracker.run_id, tracking_uri=tracker.uri)
+    return tracker.run_id, tracker.uri
