@@ -189,6 +189,17 @@ def _load_into(model: nn.Module, sd: dict[str, Tensor], full_keys: set[str], whe
         raise UserError(f"weights {where} do not fit the backbone: {str(e)[:500]}") from None
 
 
+def _vit_convert(sd: dict[str, Tensor], model: nn.Module, where: str) -> dict[str, Tensor]:
+    """timm's own ViT checkpoint conversion: official DINOv2 / OpenAI CLIP key names, and the
+    position embedding resampled from the checkpoint's resolution (e.g. 518) to the model's."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    try:
+        return checkpoint_filter_fn(sd, model)
+    except Exception as e:  # shapes that timm cannot convert fail deep inside it
+        raise UserError(f"weights {where} cannot be converted to {type(model).__name__}: {type(e).__name__}: {e}") from None
+
+
 def _resize(x: Tensor, grid: int) -> Tensor:
     """Bring a (B, C, s, s) map to grid x grid: adaptive average pooling when shrinking (every input
     cell contributes, no aliasing), bilinear interpolation when enlarging (pooling would only repeat
@@ -299,17 +310,6 @@ def build_backbone(spec: BackboneSpec) -> FeatureExtractor:
     model = _create(spec, is_vit, pretrained=spec.weights == "pretrained")
     if not hasattr(model, "forward_intermediates"):
         raise UserError(f"backbone.name {spec.name!r}: this timm model has no multi-level feature API")
-    template = model.state_dict()
-    loaded = None
-    if isinstance(spec.weights, (WeightsFile, WeightsPackage)):
-        loaded = read_weights(spec.weights, arch, template)
-        if is_vit:
-            # timm's own conversion: official DINOv2 / OpenAI CLIP key names, and the position
-            # embedding resampled from the checkpoint's resolution (e.g. 518) to image_size
-            from timm.models.vision_transformer import checkpoint_filter_fn
-
-            loaded = LoadedWeights(checkpoint_filter_fn(loaded.state_dict, model), loaded.sha256, loaded.desc)
-
     if is_vit:
         n_blocks = len(model.blocks)
         bad = [lv for lv in spec.levels if not 1 <= lv <= n_blocks]
@@ -325,7 +325,6 @@ def build_backbone(spec: BackboneSpec) -> FeatureExtractor:
             )
         indices = [lv - 1 for lv in spec.levels]
         widths = [model.embed_dim] * len(indices)
-        model.prune_intermediate_layers(indices, prune_norm=True, prune_head=True)
     else:
         info = model.feature_info
         bad = [lv for lv in spec.levels if not 0 <= lv < len(info)]
@@ -337,7 +336,15 @@ def build_backbone(spec: BackboneSpec) -> FeatureExtractor:
         indices = list(spec.levels)
         widths = [info[lv]["num_chs"] for lv in indices]
         grid = spec.grid or spec.image_size // 14
-        model.prune_intermediate_layers(indices, prune_head=True)
+
+    template = model.state_dict()
+    loaded = None
+    if isinstance(spec.weights, (WeightsFile, WeightsPackage)):
+        loaded = read_weights(spec.weights, arch, template)
+        if is_vit:
+            loaded = LoadedWeights(_vit_convert(loaded.state_dict, model, loaded.desc), loaded.sha256, loaded.desc)
+    # drop the blocks after the deepest level, the final norm and the head
+    model.prune_intermediate_layers(indices, prune_norm=True, prune_head=True)
 
     if spec.weights == "random":
         sha, desc = None, "RANDOM WEIGHTS"
@@ -345,6 +352,7 @@ def build_backbone(spec: BackboneSpec) -> FeatureExtractor:
     elif spec.weights == "pretrained":
         sha, desc = state_dict_sha256(model.state_dict()), f"timm pretrained ({model.pretrained_cfg.get('tag')})"
     else:
+        assert loaded is not None
         _load_into(model, loaded.state_dict, set(template), loaded.desc)
         sha, desc = loaded.sha256, loaded.desc
     ext = FeatureExtractor(model, spec, indices, widths, grid, is_vit, sha, desc)
