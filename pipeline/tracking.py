@@ -10,7 +10,7 @@ buffered and written with ``log_batch`` by a background thread; a transient fail
 exponential backoff and then dropped with a warning.
 
 The registered model is an MLflow pyfunc whose ``predict`` runs the exported feature
-extractor (see :class:`ProjectorModel` for its input and output).
+extractor (see :class:`ProjectorPyfunc` for its input and output).
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ import mlflow
 import numpy as np
 from mlflow.entities import LoggedModelOutput, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
-from mlflow.pyfunc import PythonModel
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import (
     MAX_METRICS_PER_BATCH,
@@ -54,7 +53,7 @@ log = logging.getLogger(__name__)
 RUN_NAME_TAG = "adpretrain.run_name"
 VAL_TAG_PREFIX = "adpretrain.val."
 CHAMPION, CHALLENGER = "champion", "challenger"
-MODEL_ARTIFACT = "projector"  # the exported folder inside the pyfunc model: artifacts/projector/
+MODEL_ARTIFACT = "projector"  # the exported folder inside the pyfunc model: data/projector/
 _TRUNCATED = "...[truncated]"
 _TRANSIENT_CODES = {"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"}
 _TRANSIENT_TEXT = ("database is locked", "database is busy", "connection", "timed out", "temporarily")
@@ -537,7 +536,7 @@ def _ensure_registered_model(client: MlflowClient, name: str) -> None:
 # --------------------------------------------------------------------------- the pyfunc model
 
 
-class ProjectorModel(PythonModel):
+class ProjectorPyfunc:
     """The registered model: backbone -> residual against references -> projector.
 
     ``predict`` takes a dict of float32 arrays in [0, 1] at the backbone's image size:
@@ -546,12 +545,12 @@ class ProjectorModel(PythonModel):
     projected residual features per level. Loading needs this project installed.
     """
 
-    def load_context(self, context) -> None:
+    def __init__(self, export_dir: str) -> None:
         from pipeline.export import load_feature_extractor
 
-        self.extractor = load_feature_extractor(context.artifacts[MODEL_ARTIFACT])
+        self.extractor = load_feature_extractor(export_dir)
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, model_input, params=None):
         import torch
 
         if not isinstance(model_input, dict) or not {"images", "refs"} <= set(model_input):
@@ -562,13 +561,9 @@ class ProjectorModel(PythonModel):
         return {f"level_{i}": f.float().cpu().numpy() for i, f in enumerate(feats)}
 
 
-_MODEL_CODE = """\
-import mlflow
-
-from pipeline.tracking import ProjectorModel
-
-mlflow.models.set_model(ProjectorModel())
-"""
+def _load_pyfunc(data_path: str) -> ProjectorPyfunc:
+    """MLflow's entry point for the model (``loader_module``): ``data_path`` is the exported folder."""
+    return ProjectorPyfunc(data_path)
 
 
 def _save_pyfunc(export_dir: str, path: str, run_id: str, logged_model) -> str:
@@ -578,10 +573,7 @@ def _save_pyfunc(export_dir: str, path: str, run_id: str, logged_model) -> str:
     from mlflow.models import Model, ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
-    code = os.path.join(os.path.dirname(path), "projector_model.py")
-    with open(code, "w") as f:
-        f.write(_MODEL_CODE)
-    # MLflow keeps a folder artifact under its own name: artifacts/projector/ whatever the export's name
+    # MLflow copies the data folder under its own name: data/projector/ whatever the export's name
     staged = shutil.copytree(export_dir, os.path.join(os.path.dirname(path), MODEL_ARTIFACT))
     image = TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1))
     signature = ModelSignature(inputs=Schema([TensorSpec(image.type, image.shape, "images"),
@@ -589,7 +581,7 @@ def _save_pyfunc(export_dir: str, path: str, run_id: str, logged_model) -> str:
     mlflow_model = Model(artifact_path=logged_model.artifact_location, run_id=run_id,
                          model_uuid=logged_model.model_id, model_id=logged_model.model_id)
     mlflow.pyfunc.save_model(
-        path, python_model=code, artifacts={MODEL_ARTIFACT: staged}, signature=signature,
+        path, loader_module=__name__, data_path=staged, signature=signature,
         mlflow_model=mlflow_model,
         pip_requirements=[f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
                           f"timm=={timm.__version__}", f"safetensors=={safetensors.__version__}"],
@@ -687,7 +679,7 @@ def load_registered(model_uri: str, tracking_uri: str | None = None, cache_dir: 
         raise UserError(f"model {model_uri} not found in the registry at {uri}: {e.message}") from None
     cache = Path(cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "adpretrain", "models"))
     target = cache / key
-    folder = target / "artifacts" / MODEL_ARTIFACT
+    folder = target / "data" / MODEL_ARTIFACT
     if (folder / "spec.json").is_file():
         return str(folder)
     cache.mkdir(parents=True, exist_ok=True)
@@ -695,8 +687,8 @@ def load_registered(model_uri: str, tracking_uri: str | None = None, cache_dir: 
     try:
         local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=uri,
                                                     registry_uri=uri)
-        if not (Path(local) / "artifacts" / MODEL_ARTIFACT / "spec.json").is_file():
-            raise UserError(f"model {model_uri} is not an adpretrain projector (no artifacts/{MODEL_ARTIFACT}/spec.json)")
+        if not (Path(local) / "data" / MODEL_ARTIFACT / "spec.json").is_file():
+            raise UserError(f"model {model_uri} is not an adpretrain projector (no data/{MODEL_ARTIFACT}/spec.json)")
         try:
             os.replace(local, target)  # atomic: the cache never holds a partial model
         except OSError:  # another process finished the same download first
