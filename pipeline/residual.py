@@ -84,8 +84,9 @@ def match_residual(feat: Tensor, bank: Tensor, chunk: int = 4096) -> Tensor:
     idx = nearest_index(feat, bank, chunk)
     b, c, h, w = feat.shape
     src = bank.expand(b, -1, -1) if bank.shape[0] == 1 else bank
-    matched = torch.gather(src, 1, idx.unsqueeze(-1).expand(-1, -1, c))  # (B, N, C)
-    return feat - matched.to(feat.dtype).transpose(1, 2).reshape(b, c, h, w)
+    matched = torch.gather(src.transpose(1, 2), 2, idx.unsqueeze(1).expand(-1, c, -1))  # (B, C, N)
+    # feat - matched, computed in the gathered tensor: no second buffer the size of the features
+    return matched.to(feat.dtype).neg_().add_(feat.reshape(b, c, h * w)).reshape(b, c, h, w)
 
 
 # ----------------------------------------------------------------------------- centers
