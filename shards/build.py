@@ -21,7 +21,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from typing import Any
 
 from pipeline.config import Config, ShardsSpec, SourceSpec
@@ -69,11 +69,11 @@ def _run_on_ray(todo: list[ShardPlan], url: str, cfg: Config, progress: bool) ->
     bar = tqdm(total=sum(len(p.records) for p in todo), unit="img", desc="build-shards", disable=not progress)
     results: dict[str, dict] = {}
     pending: dict[Any, ShardPlan] = {}
-    queue = list(todo)
+    queue = deque(todo)
     try:
         while queue or pending:
             while queue and len(pending) < limit:
-                plan = queue.pop(0)
+                plan = queue.popleft()
                 pending[task.remote(plan, url)] = plan
             ready, _ = ray.wait(list(pending), num_returns=1)
             plan = pending.pop(ready[0])
@@ -169,7 +169,7 @@ def make_manifest(
         for cls, n in side["class_bytes"].items():
             per_class[(plan.source, cls)]["bytes"] += n
     for q in quarantined:
-        per_class[(q["source"], q["class"] or "")]["quarantined"] += 1
+        per_class[(q["source"], q["class"])]["quarantined"] += 1
     quarantined.sort(key=lambda q: (q["source"], q["path"], q["reason"]))
 
     sources: dict[str, Any] = {}
@@ -198,7 +198,6 @@ def make_manifest(
             "root": s.root,
             "split": s.split,
             "masks": s.masks,
-            "weight": s.weight,
             "classes": {
                 cls: {k: mine.get(cls, Counter())[k] for k in
                       ("normal", "abnormal", "quarantined", "excluded_from_training", "bytes")}
@@ -239,18 +238,21 @@ def _synthesize(spec: SourceSpec) -> None:
 
     s = spec.synth
     log.info("source %s: %s does not exist; generating synthetic %s data there", spec.name, spec.root, spec.layout)
-    tmp = tempfile.mkdtemp(prefix="synth-")
+    local = not storage.is_remote(spec.root)
+    parent = os.path.dirname(os.path.abspath(spec.root)) if local else None
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".synth-", dir=parent)  # beside the root: renamed into place when complete
     try:
         out = os.path.join(tmp, "root")
         generate(spec.layout, out, classes=s.classes, normal=s.normal, abnormal=s.abnormal, size=s.size,
                  views=s.views, seed=s.seed)
-        if storage.is_remote(spec.root):
+        if local:
+            os.replace(out, spec.root)
+        else:
             fs, path = storage.filesystem(spec.root)
             with storage.storage_errors(spec.root):
                 fs.put(out.rstrip("/") + "/", path.rstrip("/") + "/", recursive=True)
-        else:
-            os.makedirs(os.path.dirname(os.path.abspath(spec.root)), exist_ok=True)
-            os.replace(out, spec.root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

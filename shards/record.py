@@ -152,7 +152,9 @@ def _is_16bit(img: Image.Image) -> bool:
 def _check_structure(img: Image.Image, data: bytes) -> None:
     """Cheap checks that catch truncated and corrupted files without a full decode."""
     if img.format == "JPEG":
-        if data.find(b"\xff\xd9", img.fp.tell()) < 0:
+        # EOI can only follow the scan data (0xFF in entropy-coded data is stuffed), and most
+        # files end with it; some cameras append bytes after it.
+        if data[-2:] != b"\xff\xd9" and data.find(b"\xff\xd9", img.fp.tell()) < 0:
             raise BadInput("truncated JPEG: the scan data has no end-of-image marker")
     elif img.format == "PNG":
         probe = Image.open(io.BytesIO(data))

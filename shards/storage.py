@@ -78,6 +78,7 @@ def storage_errors(url: str) -> Iterator[None]:
 def exists(url: str) -> bool:
     fs, path = filesystem(url)
     with storage_errors(url):
+        fs.invalidate_cache(path)  # another process may have written or removed it
         return fs.exists(path)
 
 
@@ -168,9 +169,11 @@ def listdir(url: str) -> list[str]:
     """Names (not full paths) of the entries directly under ``url``; [] when it does not exist."""
     fs, path = filesystem(url)
     with storage_errors(url):
-        if not fs.exists(path):
+        try:
+            names = fs.ls(path, detail=False, refresh=True)
+        except FileNotFoundError:
             return []
-        return sorted(os.path.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+    return sorted(os.path.basename(p.rstrip("/")) for p in names)
 
 
 def list_sizes(url: str) -> dict[str, int]:
@@ -178,7 +181,7 @@ def list_sizes(url: str) -> dict[str, int]:
     fs, path = filesystem(url)
     with storage_errors(url):
         try:
-            entries = fs.ls(path, detail=True)
+            entries = fs.ls(path, detail=True, refresh=True)
         except FileNotFoundError:
             return {}
     return {

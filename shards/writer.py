@@ -12,7 +12,6 @@ is not written again.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -92,15 +91,37 @@ def _plan(chunk: list[SampleRecord], index: int, masks: bool | None) -> ShardPla
     return ShardPlan(r.source, r.role, r.stream, index, tuple(chunk), masks)
 
 
-def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
-    # Fixed metadata, so that the same samples always give the same bytes (and sha256).
+def _tar_member(name: str, data: bytes) -> bytes:
+    """One tar member (GNU format): header, data, padding to the 512-byte block.
+
+    The metadata is fixed, so the same samples always give the same bytes (and sha256).
+    """
     ti = tarfile.TarInfo(name)
-    ti.size = size
+    ti.size = len(data)
     ti.mtime = 0
     ti.mode = 0o444
     ti.uid = ti.gid = 0
     ti.uname = ti.gname = ""
-    return ti
+    header = ti.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
+    return header + data + bytes(-len(data) % tarfile.BLOCKSIZE)
+
+
+def _tar_end(size: int) -> bytes:
+    """The end of a tar archive of ``size`` bytes so far: two zero blocks, then padding to the record size."""
+    size += 2 * tarfile.BLOCKSIZE
+    return bytes(2 * tarfile.BLOCKSIZE + (-size % tarfile.RECORDSIZE))
+
+
+class _Hashing:
+    """A write-only file that hashes and counts what goes through it."""
+
+    def __init__(self, f) -> None:
+        self.f, self.sha256, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> None:
+        self.sha256.update(data)
+        self.size += len(data)
+        self.f.write(data)
 
 
 def _samples(plan: ShardPlan, quarantined: list[dict[str, Any]]) -> Iterable:
@@ -133,26 +154,22 @@ def write_shard(plan: ShardPlan, url: str) -> dict[str, Any]:
     class_bytes: dict[str, int] = {}
     count = 0
     try:
-        with os.fdopen(fd, "wb") as raw:
-            with tarfile.open(fileobj=raw, mode="w", format=tarfile.GNU_FORMAT) as tar:
-                for sample in _samples(plan, quarantined):
-                    for name, data in sample.members:
-                        tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
-                    count += 1
-                    cls = sample.meta["class"]
-                    class_bytes[cls] = class_bytes.get(cls, 0) + sample.nbytes
-            raw.flush()
-            os.fsync(raw.fileno())
-        digest = hashlib.sha256()
-        with open(tmp, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        with os.fdopen(fd, "wb") as f:
+            raw = _Hashing(f)
+            for sample in _samples(plan, quarantined):
+                raw.write(b"".join(_tar_member(name, data) for name, data in sample.members))
+                count += 1
+                cls = sample.meta["class"]
+                class_bytes[cls] = class_bytes.get(cls, 0) + sample.nbytes
+            raw.write(_tar_end(raw.size))
+            f.flush()
+            os.fsync(f.fileno())
         side = {
             "format": FORMAT,
             "keys_hash": plan.keys_hash(),
-            "sha256": digest.hexdigest(),
+            "sha256": raw.sha256.hexdigest(),
             "count": count,
-            "bytes": os.path.getsize(tmp),
+            "bytes": raw.size,
             "class_bytes": dict(sorted(class_bytes.items())),
             "quarantined": quarantined,
         }

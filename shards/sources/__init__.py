@@ -58,6 +58,11 @@ def _looks_like(listing: Listing, layout: str) -> list[str]:
     return out
 
 
+def _hint(listing: Listing, layout: str) -> str:
+    others = _looks_like(listing, layout)
+    return f" It looks like the {' / '.join(others)} layout: set layout accordingly." if others else ""
+
+
 def scan_source(spec: SourceSpec) -> SourceScan:
     """List the source's root and read it with its layout's reader; DataError when it does not fit."""
     reader = READERS[spec.layout]
@@ -73,13 +78,14 @@ def scan_source(spec: SourceSpec) -> SourceScan:
                 f"(found: {available or 'no class folders'}); fix sources[].classes"
             )
         classes = list(spec.classes)
-    found = reader.scan(listing, classes, spec.masks != "none")
+    try:
+        found = reader.scan(listing, classes, spec.masks != "none")
+    except DataError as e:
+        raise DataError(f"source {spec.name!r}: {e}.{_hint(listing, spec.layout)}") from None
     if not found.candidates:
-        others = _looks_like(listing, spec.layout)
-        hint = f" It looks like the {' / '.join(others)} layout: set layout accordingly." if others else ""
         raise DataError(
             f"source {spec.name!r}: root {spec.root!r} does not match the {spec.layout!r} layout: expected "
-            f"{reader.EXPECTED}; found {listing.top() or 'nothing'}.{hint}"
+            f"{reader.EXPECTED}; found {listing.top() or 'nothing'}.{_hint(listing, spec.layout)}"
         )
     selected = set(classes)
     prefix = [p for p in reader.CLASS_DIR.split("/") if p]

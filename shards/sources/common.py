@@ -63,8 +63,7 @@ class Listing:
         return storage.join(self.root, rel)
 
     def top(self, limit: int = 12) -> list[str]:
-        names = self.subdirs("") + [f for f in self.files_in("")]
-        return sorted(names)[:limit]
+        return sorted(self.subdirs("") + self.files_in(""))[:limit]
 
 
 def _hidden(rel: str) -> bool:

@@ -24,8 +24,8 @@ def find_classes(listing: Listing) -> list[str]:
 def _rows(listing: Listing) -> list[dict[str, str]]:
     if SPLIT_CSV not in listing.files:
         raise DataError(
-            f"VisA root {listing.root!r} has no {SPLIT_CSV}: the layout needs it for the train/test split "
-            "(it ships with VisA; copy it next to the class folders)"
+            f"root {listing.root!r} does not match the 'visa' layout: {SPLIT_CSV} is missing (expected "
+            f"{EXPECTED}); the split file ships with VisA, copy it next to the class folders"
         )
     text = storage.read_text(listing.url(SPLIT_CSV))
     reader = csv.DictReader(io.StringIO(text))
