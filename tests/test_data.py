@@ -1,0 +1,367 @@
+"""Training streams on hand-made shards (no Ray): abnormal share and visible defects in every
+batch, per-source weights, corrupt samples skipped and counted, uneven shard counts across
+ranks, photometric views that keep the mask geometry; the learning-rate rule and the
+per-step K against hand-computed values."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import random
+import subprocess
+import sys
+import tarfile
+import threading
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.config import Config, load_config
+from pipeline.data import MixedBatches, StreamPlan, iter_decoded, train_loader
+from pipeline.train import choose_k, deepspeed_config, lr_factor
+from pipeline.transforms import patch_labels
+from shards.build import MANIFEST_FORMAT
+
+SIZE = 56  # image side: a 4 x 4 grid of 14 x 14 cells
+GRID = 4
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+BG, FG = 0.3, 0.9  # grey levels of the background and of a defect
+
+
+# ----------------------------------------------------------------------------- hand-made shards
+
+
+def encode(arr: np.ndarray, fmt: str = "png") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format={"png": "PNG", "jpg": "JPEG"}[fmt])
+    return buf.getvalue()
+
+
+def sample(key: str, source: str, cls: str = "c0", *, defect: tuple[int, int, int] | None = None,
+           width: int = SIZE, fmt: str = "png") -> list[tuple[str, bytes]]:
+    """Tar members of one sample: a grey image, and for ``defect`` = (top, left, side) a bright
+    square there and its mask (abnormal)."""
+    img = np.full((SIZE, width, 3), round(BG * 255), np.uint8)
+    meta = {"source": source, "class": cls, "view": None, "split": "pretrain", "label": 0, "defect": None}
+    members = []
+    if defect is not None:
+        top, left, side = defect
+        img[top : top + side, left : left + side] = round(FG * 255)
+        mask = np.zeros((SIZE, width), np.uint8)
+        mask[top : top + side, left : left + side] = 255
+        meta.update(label=1, defect="square")
+        members.append((f"{key}.mask.png", encode(mask)))
+    members += [(f"{key}.{fmt}", encode(img, fmt)), (f"{key}.json", json.dumps(meta).encode())]
+    return members
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def stream(folder: Path, source: str, shards: int, per_shard: int, abnormal: bool = False,
+           small_every: int = 0) -> list[str]:
+    """``shards`` shards of ``per_shard`` samples; abnormal samples get a visible defect (10 x 10
+    pixels inside one cell), or a 4 x 4 one (too small to label a patch) every ``small_every``."""
+    urls = []
+    for s in range(shards):
+        members = []
+        for i in range(per_shard):
+            key = f"{source}-{'a' if abnormal else 'n'}-{s:02d}-{i:02d}"
+            defect = None
+            if abnormal:
+                side = 4 if small_every and i % small_every == 0 else 10
+                defect = (16 + (i % 2) * 14, 16, side)
+            members += sample(key, source, defect=defect)
+        urls.append(write_tar(folder / source / ("abnormal" if abnormal else "normal") / f"shard-{s:06d}.tar",
+                              members))
+    return urls
+
+
+def config(tmp: Path, **data) -> Config:
+    """Two pretraining sources a, b; augmentation off unless a test is about the views."""
+    settings = {"batch_size": 8, "abnormal_fraction": 0.25, "shuffle_buffer": 4, "loader_workers": 0,
+                "augment": False, **data}
+    return load_config({
+        "name": "data-test",
+        "sources": [{"name": "a", "layout": "folder", "root": str(tmp / "src-a"), "split": "pretrain"},
+                    {"name": "b", "layout": "folder", "root": str(tmp / "src-b"), "split": "pretrain"}],
+        "shards": {"url": str(tmp)},
+        "backbone": {"levels": [1], "weights": "random", "image_size": SIZE},
+        "refbank": {"per_group": 8},
+        "data": settings,
+        "train": {"steps": 10, "storage": str(tmp / "train")},
+    })
+
+
+def batches(ds, n: int) -> list[dict]:
+    it = iter(ds)
+    return [next(it) for _ in range(n)]
+
+
+# ----------------------------------------------------------------------------- batch composition
+
+
+@pytest.mark.parametrize("batch_size, fraction", [(8, 0.25), (6, 0.4), (4, 0.1)])
+def test_every_batch_holds_the_abnormal_share_with_visible_defects(tmp_path, batch_size, fraction):
+    normal = stream(tmp_path, "a", shards=2, per_shard=5)
+    abnormal = stream(tmp_path, "a", shards=2, per_shard=6, abnormal=True, small_every=3)
+    cfg = config(tmp_path, batch_size=batch_size, abnormal_fraction=fraction)
+    plan = StreamPlan(("a",), (1.0,), (tuple(normal),), (tuple(abnormal),))
+    expected = max(1, round(batch_size * fraction))
+    too_small = 0
+    for b in batches(MixedBatches(plan, cfg, MEAN, STD, GRID, rank=0), 12):
+        assert b["view1"].shape == b["view2"].shape == (batch_size, 3, SIZE, SIZE)
+        assert b["mask"].shape == (batch_size, SIZE, SIZE) and b["mask"].dtype == torch.bool
+        labels = b["label"]
+        assert int(labels.sum()) == expected
+        visible = patch_labels(b["mask"], GRID, "pixels", 32).flatten(1).any(1)
+        assert torch.equal(visible, labels.bool())  # every abnormal image labels a patch, normal ones none
+        assert not b["mask"][labels == 0].any()
+        too_small += b["too_small"]
+    assert too_small > 0  # the 4 x 4 defects were drawn, counted, and kept out of the batches
+
+
+@pytest.mark.parametrize("weights", [(3.0, 1.0), (1.0, 3.0)])
+def test_sources_are_mixed_by_weight(tmp_path, weights):
+    # source a: few shards, b: many; the share follows the weights, not the shard counts
+    na, nb = stream(tmp_path, "a", 1, 6), stream(tmp_path, "b", 5, 2)
+    aa, ab = stream(tmp_path, "a", 1, 4, abnormal=True), stream(tmp_path, "b", 3, 2, abnormal=True)
+    plan = StreamPlan(("a", "b"), weights, (tuple(na), tuple(nb)), (tuple(aa), tuple(ab)))
+    counts = Counter()
+    for b in batches(MixedBatches(plan, config(tmp_path), MEAN, STD, GRID, rank=1), 50):
+        counts.update(g.split("/")[0] for g in b["group"])
+    share_a = counts["a"] / (counts["a"] + counts["b"])
+    expected = weights[0] / sum(weights)
+    # 400 draws: the binomial standard deviation of the share is about 0.02
+    assert abs(share_a - expected) < 0.07, (counts, expected)
+
+
+def test_a_source_without_abnormal_shards_feeds_only_the_normal_stream(tmp_path):
+    na, nb = stream(tmp_path, "a", 1, 4), stream(tmp_path, "b", 1, 4)
+    aa = stream(tmp_path, "a", 1, 4, abnormal=True)
+    plan = StreamPlan(("a", "b"), (1.0, 1.0), (tuple(na), tuple(nb)), (tuple(aa), ()))
+    seen = {0: Counter(), 1: Counter()}
+    for b in batches(MixedBatches(plan, config(tmp_path), MEAN, STD, GRID, rank=0), 10):
+        for g, y in zip(b["group"], b["label"].tolist()):
+            seen[y][g.split("/")[0]] += 1
+    assert set(seen[1]) == {"a"} and set(seen[0]) == {"a", "b"}
+
+
+# ----------------------------------------------------------------------------- corrupt data
+
+
+def corrupt_shard(path: Path) -> tuple[str, int, int]:
+    """A shard of 4 good samples and 3 bad ones (truncated JPEG, bad JSON, mask of another size)."""
+    members = []
+    for i in range(2):
+        members += sample(f"good-{i}", "a")
+    jpg = dict(sample("broken-jpg", "a", fmt="jpg"))
+    members += [("broken-jpg.jpg", jpg["broken-jpg.jpg"][: len(jpg["broken-jpg.jpg"]) // 2]),
+                ("broken-jpg.json", jpg["broken-jpg.json"])]
+    members += [(n, b"{not json" if n.endswith(".json") else d) for n, d in sample("bad-json", "a")]
+    odd = dict(sample("odd-mask", "a", defect=(16, 16, 10)))
+    odd["odd-mask.mask.png"] = encode(np.zeros((SIZE // 2, SIZE // 2), np.uint8))
+    members += list(odd.items())
+    for i in range(2, 4):
+        members += sample(f"good-{i}", "a")
+    return write_tar(path, members), 4, 3
+
+
+def test_corrupt_samples_are_skipped_with_a_warning_and_counted(tmp_path, caplog):
+    url, good, bad = corrupt_shard(tmp_path / "corrupt.tar")
+    # a truncated tar: its first sample is readable, then the file ends inside a member
+    whole = write_tar(tmp_path / "whole.tar", sample("t-0", "a") + sample("t-1", "a") + sample("t-2", "a"))
+    data = Path(whole).read_bytes()
+    cut = data.index(b"t-1.png") + 512 + 100  # 100 bytes into the second sample's image
+    (tmp_path / "cut.tar").write_bytes(data[:cut])
+    stats: dict = {}
+    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
+        keys = [d.key for d in iter_decoded([url, str(tmp_path / "cut.tar")], SIZE, stats=stats)]
+    assert keys == ["good-0", "good-1", "good-2", "good-3", "t-0"]
+    warned = [r.getMessage() for r in caplog.records if "skipping corrupt data" in r.getMessage()]
+    assert stats["skipped"] == len(warned)
+    for key in ("broken-jpg", "bad-json", "odd-mask"):
+        assert sum(f"sample {key!r}" in w for w in warned) == 1, key
+    assert any("cut.tar" in w for w in warned)  # the truncated shard: counted (per read error) and left
+
+
+def test_corrupt_samples_never_stop_the_batches(tmp_path):
+    url, _, _ = corrupt_shard(tmp_path / "normal" / "corrupt.tar")
+    abnormal = stream(tmp_path, "a", 1, 3, abnormal=True)
+    plan = StreamPlan(("a",), (1.0,), ((url,),), (tuple(abnormal),))
+    got = batches(MixedBatches(plan, config(tmp_path, batch_size=4), MEAN, STD, GRID, rank=0), 10)
+    assert all(int(b["label"].sum()) == 1 for b in got)
+    assert sum(b["skipped"] for b in got) >= 3  # each pass over the shard skips its 3 bad samples
+
+
+# ----------------------------------------------------------------------------- ranks and shard counts
+
+
+def write_manifest(tmp: Path, urls: dict[tuple[str, str], list[str]]) -> None:
+    shards = [{"source": src, "split": "pretrain", "stream": st, "masks": st == "abnormal" or None,
+               "path": str(Path(u).relative_to(tmp))} for (src, st), us in urls.items() for u in us]
+    (tmp / "manifest.json").write_text(json.dumps({"format": MANIFEST_FORMAT, "shards": shards}))
+
+
+def test_uneven_shard_counts_give_every_rank_its_batches_in_bounded_time(tmp_path):
+    # a: one shard per stream (fewer than ranks x loader workers); b: many small shards
+    urls = {("a", "normal"): stream(tmp_path, "a", 1, 3), ("a", "abnormal"): stream(tmp_path, "a", 1, 2, True),
+            ("b", "normal"): stream(tmp_path, "b", 7, 1), ("b", "abnormal"): stream(tmp_path, "b", 4, 1, True)}
+    write_manifest(tmp_path, urls)
+    cfg = config(tmp_path, batch_size=4, loader_workers=2)
+    steps, ranks = 9, 3
+    got: dict[int, list[int]] = {}
+
+    def run(rank: int) -> None:
+        it = iter(train_loader(cfg, MEAN, STD, GRID, rank))
+        got[rank] = [int(next(it)["label"].sum()) for _ in range(steps)]
+
+    threads = [threading.Thread(target=run, args=(r,), daemon=True) for r in range(ranks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), f"a rank did not get {steps} batches in 120 s: {got}"
+    assert got == {r: [1] * steps for r in range(ranks)}
+
+
+def test_ranks_draw_different_samples(tmp_path):
+    normal = stream(tmp_path, "a", 3, 4)
+    abnormal = stream(tmp_path, "a", 2, 4, abnormal=True)
+    plan = StreamPlan(("a",), (1.0,), (tuple(normal),), (tuple(abnormal),))
+    cfg = config(tmp_path)
+    b0, b1 = (batches(MixedBatches(plan, cfg, MEAN, STD, GRID, rank=r), 3) for r in (0, 1))
+    again = batches(MixedBatches(plan, cfg, MEAN, STD, GRID, rank=0), 3)
+    masks = lambda bs: torch.stack([b["mask"] for b in bs])  # noqa: E731
+    assert torch.equal(masks(b0), masks(again))  # a rank's stream is reproducible
+    assert not torch.equal(masks(b0), masks(b1))
+
+
+# ----------------------------------------------------------------------------- views
+
+
+def test_views_are_photometric_and_keep_the_mask_geometry(tmp_path):
+    # wider than tall: resized and center-cropped; the defect lies inside the crop
+    members = []
+    for i in range(6):
+        members += sample(f"w-{i}", "a", defect=(8 + 6 * i, 20 + 5 * i, 12), width=84)
+    abnormal = write_tar(tmp_path / "abnormal.tar", members)
+    normal = stream(tmp_path, "a", 1, 4)
+    plan = StreamPlan(("a",), (1.0,), (tuple(normal),), ((abnormal,),))
+    cfg = config(tmp_path, batch_size=8, abnormal_fraction=0.5, augment=True)
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    differ = 0
+    for b in batches(MixedBatches(plan, cfg, MEAN, STD, GRID, rank=0), 4):
+        v1, v2 = (b[k] * std + mean for k in ("view1", "view2"))
+        assert v1.min() >= -1e-5 and v1.max() <= 1 + 1e-5  # the backbone's normalisation, undone
+        differ += int((v1 - v2).abs().amax(dim=(1, 2, 3)).gt(1e-3).sum())
+        for i in torch.nonzero(b["label"]).flatten().tolist():
+            m = b["mask"][i]
+            # the crop moved the square by (84 - 56) / 2 = 14 columns; the mask moved with it
+            assert m.sum() == 144 and m[:, :6].sum() == 0
+            inner = m.clone()  # the defect's interior, away from the blur at its edge
+            inner[1:-1, 1:-1] = m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:] & m[1:-1, 1:-1]
+            for v in (v1[i], v2[i]):
+                grey = v.mean(0)
+                assert grey[inner].mean() > grey[~m].mean() + 0.1  # the bright square is where the mask is
+    assert differ >= 24  # 32 images: all but the rare unlucky draws get two different views
+
+
+def test_views_without_augmentation_are_the_normalised_image(tmp_path):
+    normal = stream(tmp_path, "a", 1, 2)
+    abnormal = stream(tmp_path, "a", 1, 2, abnormal=True)
+    plan = StreamPlan(("a",), (1.0,), (tuple(normal),), (tuple(abnormal),))
+    b = batches(MixedBatches(plan, config(tmp_path, batch_size=4), MEAN, STD, GRID, rank=0), 1)[0]
+    assert torch.equal(b["view1"], b["view2"])
+    img = b["view1"] * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
+    want = torch.where(b["mask"][:, None].expand(-1, 3, -1, -1), FG, BG)
+    assert torch.allclose(img, want, atol=1.5 / 255)
+
+
+# ----------------------------------------------------------------------------- schedule and K
+
+
+def schedule_config(tmp: Path, **train) -> Config:
+    return load_config({
+        "name": "lr",
+        "sources": [{"name": "a", "layout": "folder", "root": str(tmp), "split": "pretrain"}],
+        "shards": {"url": str(tmp)},
+        "backbone": {"levels": [1], "weights": "random"},
+        "data": {"batch_size": 16},
+        "train": {"storage": str(tmp), **train},
+    })
+
+
+@pytest.mark.parametrize("rule, scale", [("none", 1.0), ("linear", 2.0), ("sqrt", math.sqrt(2.0))])
+def test_lr_factor_warm_up_scaling_and_decay(tmp_path, rule, scale):
+    # global batch 16 x 4 ranks = 64 = 2 x base_batch 32; decay at round(0.7 x 50) = 35 and round(0.9 x 50) = 45
+    cfg = schedule_config(tmp_path, steps=50, warmup_steps=5, lr_scaling=rule, base_batch=32)
+    expected = {0: 0.2, 1: 0.4, 4: 1.0, 5: 1.0, 20: 1.0, 34: 1.0, 35: 0.1, 44: 0.1, 45: 0.01, 49: 0.01}
+    for step, f in expected.items():
+        assert lr_factor(step, cfg, world_size=4) == pytest.approx(scale * f, rel=1e-12), step
+
+
+def test_lr_factor_without_warm_up_follows_the_method_recipe(tmp_path):
+    # METHOD.md §5: 10 epochs, x0.1 after epochs 7 and 9
+    cfg = schedule_config(tmp_path, steps=10)
+    assert [lr_factor(s, cfg, world_size=1) for s in range(10)] == pytest.approx([1.0] * 7 + [0.1] * 2 + [0.01])
+
+
+K_IN_ANOTHER_PROCESS = """
+import json, random, sys
+import numpy as np, torch
+from pipeline.config import validate
+from pipeline.train import choose_k
+random.seed(1); np.random.seed(1); torch.manual_seed(1); np.random.rand(7)  # this rank's own RNG use
+cfg = validate(json.loads(sys.argv[1]))
+print(json.dumps([choose_k(cfg, s) for s in range(int(sys.argv[2]))]))
+"""
+
+
+def test_choose_k_is_the_same_on_every_rank_and_after_a_restart(tmp_path):
+    cfg = schedule_config(tmp_path, steps=10)
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"k_choices": [1, 4, 8]})})
+    here = [choose_k(cfg, s) for s in range(200)]
+    # another process (another rank) with another hash seed and other global RNG states
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run([sys.executable, "-c", K_IN_ANOTHER_PROCESS, json.dumps(cfg.to_dict()), "200"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == here
+    random.seed(3)
+    np.random.seed(3)
+    torch.manual_seed(3)
+    assert [choose_k(cfg, s) for s in range(150, 200)] == here[150:]  # a restart at step 150 agrees
+    counts = Counter(here)
+    assert set(counts) == {1, 4, 8} and min(counts.values()) > 40  # drawn per step, all choices used
+    other = cfg.model_copy(update={"seed": 1})
+    assert [choose_k(other, s) for s in range(200)] != here  # the seed matters
+
+
+def test_deepspeed_config_sections(tmp_path):
+    def ds(**d):
+        return deepspeed_config(schedule_config(tmp_path, steps=10, deepspeed=d), world_size=4)
+
+    bf16 = ds(zero_stage=2, precision="bf16", grad_clip=0.5)
+    assert bf16["train_batch_size"] == 64 and bf16["train_micro_batch_size_per_gpu"] == 16
+    assert bf16["zero_optimization"] == {"stage": 2} and bf16["gradient_clipping"] == 0.5
+    assert bf16["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and "bf16" not in bf16
+    fp16 = ds(precision="fp16")
+    assert fp16["fp16"]["enabled"] and fp16["fp16"]["loss_scale"] == 0  # dynamic loss scaling
+    lamb = ds(optimizer="lamb")
+    assert lamb["optimizer"]["type"] == "Lamb" and lamb["optimizer"]["params"]["lr"] == 1e-4
+    assert "optimizer" not in bf16  # Adam is the client's torch optimizer
