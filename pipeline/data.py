@@ -14,7 +14,7 @@ import json
 import logging
 import random
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -68,9 +68,10 @@ def decode_sample(sample: dict, size: int) -> Decoded:
 
 
 def iter_decoded(urls: list[str], size: int, *, seed: int | None = None, shuffle: int = 0,
-                 stats: dict | None = None) -> Iterator[Decoded]:
+                 stats: dict | None = None, want: Callable[[str, dict], bool] | None = None) -> Iterator[Decoded]:
     """Decoded samples of ``urls``: resampled endlessly when ``seed`` is given, else each shard
-    once in order. Corrupt samples are skipped with a warning and counted in ``stats``."""
+    once in order. Corrupt samples are skipped with a warning and counted in ``stats``.
+    ``want(key, meta)``, when given, is asked before decoding: samples it declines are not decoded."""
     if not urls:
         raise DataError("no shards to read: the selection of the manifest is empty")
     if seed is None:
@@ -82,6 +83,8 @@ def iter_decoded(urls: list[str], size: int, *, seed: int | None = None, shuffle
         stages.append(wds.shuffle(shuffle, initial=min(shuffle, 100), rng=random.Random(seed)))
     for sample in wds.DataPipeline(*stages):
         try:
+            if want is not None and not want(sample["__key__"], json.loads(sample["json"])):
+                continue
             yield decode_sample(sample, size)
         except Exception as e:  # corrupt bytes, truncated file, bad json: skip, count, go on
             _count(stats, f"sample {sample.get('__key__')!r} from {sample.get('__url__')}: {e}")

@@ -74,13 +74,17 @@ def build_refbank(cfg: Config, progress: bool = False, backbone=None) -> str:
         return url
     m, seed = cfg.refbank.per_group, cfg.refbank.seed
     chosen: dict[str, list[tuple[int, str, torch.Tensor]]] = defaultdict(list)
-    for d in tqdm(iter_decoded(_pretrain_normal_urls(cfg), cfg.backbone.image_size),
+
+    def want(key: str, meta: dict) -> bool:  # decode only images that enter their group's M smallest
+        g = chosen[group_of(meta)]
+        return len(g) < m or _rank_key(seed, key) < g[-1][0]
+
+    for d in tqdm(iter_decoded(_pretrain_normal_urls(cfg), cfg.backbone.image_size, want=want),
                   desc="refbank: scan", unit="img", disable=not progress):
         g = chosen[group_of(d.meta)]
         g.append((_rank_key(seed, d.key), d.key, d.image))
-        if len(g) > m:
-            g.sort(key=lambda t: t[0])
-            g.pop()
+        g.sort(key=lambda t: t[0])
+        del g[m:]
     short = {g: len(v) for g, v in chosen.items() if len(v) < m}
     if short:
         raise DataError(
