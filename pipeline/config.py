@@ -215,10 +215,10 @@ class Config(Strict):
             raise ValueError(f"sources: duplicate source names {dup}; every source needs its own name")
         if not any(s.split == "pretrain" for s in self.sources):
             raise ValueError("sources: no source has split: pretrain; pretraining needs at least one")
-        if any(k > self.refbank.per_group for k in self.data.k_choices + [self.centers.k]):
+        if any(k >= self.refbank.per_group for k in self.data.k_choices + [self.centers.k]):
             raise ValueError(
                 f"data.k_choices {self.data.k_choices} / centers.k {self.centers.k} exceed refbank.per_group "
-                f"{self.refbank.per_group}: references are drawn from the bank"
+                f"{self.refbank.per_group} - 1: references are drawn from the bank, never the sample itself"
             )
         return self
 

@@ -138,7 +138,7 @@ class MixedBatches(IterableDataset):
     """Endless batches: ``n_abnormal`` abnormal + the rest normal images, sources mixed by weight.
 
     Yields dicts: view1, view2 (B, 3, S, S) normalised; mask (B, S, S) bool; label (B,);
-    group (list of reference-bank groups); skipped (corrupt samples skipped since the last
+    group (list of reference-bank groups); key (sample keys); skipped (corrupt samples skipped since the last
     batch); too_small (abnormal samples passed over since the last batch, see ``_visible``).
     """
 
@@ -193,6 +193,7 @@ class MixedBatches(IterableDataset):
                 "mask": torch.stack([d.mask for d in items]),
                 "label": torch.tensor([int(d.meta["label"]) for d in items]),
                 "group": [group_of(d.meta) for d in items],
+                "key": [d.key for d in items],
                 # counts new since the previous batch
                 "skipped": stats["skipped"] - reported[0],
                 "too_small": stats["too_small"] - reported[1],

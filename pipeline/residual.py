@@ -325,11 +325,16 @@ class RefBankStore:
             self._cache.popitem(last=False)
         return feats
 
-    def draw(self, group: str, k: int, generator: torch.Generator) -> list[Tensor]:
-        """``k`` distinct images of ``group`` drawn with ``generator``; per level (k*h*w, C_l) float32."""
+    def draw(self, group: str, k: int, generator: torch.Generator, exclude: str | None = None) -> list[Tensor]:
+        """``k`` distinct images of ``group`` drawn with ``generator``; per level (k*h*w, C_l) float32.
+        ``exclude``: an image key never drawn (a sample is not its own reference)."""
         feats = self.load(group)
-        m = feats[0].shape[0]
-        if not 1 <= k <= m:
-            raise UserError(f"cannot draw {k} references from group {group!r} of the bank at {self.url!r}: it has {m}")
-        pick = torch.randperm(m, generator=generator)[:k]
+        keys = self.manifest()["groups"][group]["image_keys"]
+        allowed = torch.tensor([i for i, key in enumerate(keys) if key != exclude], dtype=torch.long)
+        if not 1 <= k <= len(allowed):
+            raise UserError(
+                f"cannot draw {k} references from group {group!r} of the bank at {self.url!r}: it has "
+                f"{len(allowed)} other than the sample; raise refbank.per_group above the largest K"
+            )
+        pick = allowed[torch.randperm(len(allowed), generator=generator)[:k]]
         return [f[pick].permute(0, 2, 3, 1).reshape(-1, f.shape[1]).float() for f in feats]

@@ -127,7 +127,7 @@ def _centers_task(cfg_dict: dict, urls: list[str], max_images: int, task: int) -
     def flush() -> None:
         x = torch.stack([normalize(d.image, backbone.mean, backbone.std) for d in batch])
         feats = backbone(x)
-        banks = [torch.stack(lv) for lv in zip(*(store.draw(group_of(d.meta), cfg.centers.k, gen) for d in batch))]
+        banks = [torch.stack(lv) for lv in zip(*(store.draw(group_of(d.meta), cfg.centers.k, gen, exclude=d.key) for d in batch))]
         res = [match_residual(f, b, cfg.refbank.match_chunk) for f, b in zip(feats, banks)]
         normal = torch.ones(len(batch), backbone.grid, backbone.grid, dtype=torch.bool)
         acc.add(res, [normal] * len(res))

@@ -67,9 +67,9 @@ def choose_k(cfg: Config, step: int) -> int:
     return int(rng.choice(cfg.data.k_choices))
 
 
-def draw_banks(store, groups: list[str], k: int, gen: torch.Generator, device) -> list[torch.Tensor]:
-    """Per level a (B, k*h*w, C) bank: k reference images of each sample's group."""
-    per_sample = [store.draw(g, k, gen) for g in groups]
+def draw_banks(store, groups: list[str], keys: list[str], k: int, gen: torch.Generator, device) -> list[torch.Tensor]:
+    """Per level a (B, k*h*w, C) bank: k reference images of each sample's group, never the sample itself."""
+    per_sample = [store.draw(g, k, gen, exclude=key) for g, key in zip(groups, keys)]
     return [torch.stack([s[lvl] for s in per_sample]).to(device) for lvl in range(len(per_sample[0]))]
 
 
@@ -83,7 +83,7 @@ class Step:
     def residuals(self, batch: dict, k: int, gen: torch.Generator, device) -> tuple[list, list]:
         from pipeline.residual import match_residual
 
-        banks = draw_banks(self.store, batch["group"], k, gen, device)
+        banks = draw_banks(self.store, batch["group"], batch["key"], k, gen, device)
         chunk = self.cfg.refbank.match_chunk
         f1 = self.backbone(batch["view1"].to(device))
         f2 = self.backbone(batch["view2"].to(device))
@@ -158,6 +158,8 @@ def train_loop(loop_config: dict) -> None:
         log.info("rank %d resumed at step %d", rank, start)
 
     tracker = RunTracker.attach(cfg.tracking, loop_config["run_id"]) if rank == 0 and loop_config.get("run_id") else None
+    if tracker is not None and start:
+        tracker.log_metrics({"resumed_from_step": start}, step=start)
     step_math = Step(cfg, backbone, store, centers, group)
     loader = iter(train_loader(cfg, backbone.mean, backbone.std, backbone.grid, rank, restart=start))
     skipped = too_small = 0
@@ -171,6 +173,7 @@ def train_loop(loop_config: dict) -> None:
         with torch.no_grad():
             r1, r2 = step_math.residuals(batch, k, gen, device)
         total, parts = step_math.loss(engine, r1, r2, batch["mask"])
+        lr = scheduler.get_last_lr()[0]  # the rate this step applies
         engine.backward(total * world)  # the loss is this rank's share; DeepSpeed averages gradients
         engine.step()  # also steps the lr schedule
         t_step = time.perf_counter() - t0
@@ -186,7 +189,7 @@ def train_loop(loop_config: dict) -> None:
         vals = _all_reduce_sum(vals, group)
         metrics = {n: float(v) for n, v in zip(names, vals)}
         metrics.update(
-            lr=scheduler.get_last_lr()[0],
+            lr=lr,
             k=k,
             samples_per_s=cfg.data.batch_size * world * window["n"] / max(window["total"], 1e-9),
             data_wait_fraction=window["data"] / max(window["total"], 1e-9),
