@@ -8,6 +8,7 @@ Debian packages: apt-get install -y --no-install-recommends slurmctld slurmd slu
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -38,6 +39,20 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_port_range(n: int, low: int = 20000, high: int = 32000) -> int:
+    """First port of ``n`` consecutive ports that are free right now (for RAY_PORT_BASE)."""
+    for base in range(low + (os.getpid() % 50) * 200, high - n, 200):
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(base, base + n):
+                    s = stack.enter_context(socket.socket())
+                    s.bind(("0.0.0.0", port))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError(f"no {n} consecutive free ports in {low}-{high}")
 
 
 class SlurmCluster:
