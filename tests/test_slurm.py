@@ -5,9 +5,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from slurm_cluster import SlurmCluster, free_port_range, slurm  # noqa: F401  (slurm: the cluster fixture)
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "launch" / "slurm"
