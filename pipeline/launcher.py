@@ -97,10 +97,12 @@ def pretrain(cfg: Config, parent_run_id: str | None = None) -> PretrainResult:
     }
     if backbone.random_weights:
         tags["warning"] = "RANDOM WEIGHTS: the backbone is not pretrained"
-    tracker = RunTracker.start(cfg.tracking, cfg, run_name=cfg.name, tags=tags, parent_run_id=parent_run_id)
+    # One name for the Ray run and the MLflow run: a rerun of the same training resumes both;
+    # a changed training config starts both afresh.
+    ray_run = f"{cfg.name}-{cfg.train_digest()[:10]}"
+    tracker = RunTracker.start(cfg.tracking, cfg, run_name=ray_run, tags=tags, parent_run_id=parent_run_id)
 
     init_ray(cfg.ray)
-    ray_run = f"{cfg.name}-{cfg.train_digest()[:10]}"  # a rerun of the same training resumes
     storage_path = _storage_path(cfg.train.storage)
     trainer = TorchTrainer(
         train_loop,

@@ -44,7 +44,8 @@ def test_run_chain_ci_config(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     exp = client.get_experiment_by_name("adpretrain-ci")
     runs = client.search_runs([exp.experiment_id])
-    pre = [r for r in runs if r.data.tags.get("mlflow.runName") == "ci"]
+    pre = [r for r in runs if r.data.tags.get("mlflow.runName", "").startswith("ci-")
+           and "mlflow.parentRunId" not in r.data.tags]
     assert len(pre) == 1 and pre[0].info.status == "FINISHED"
     assert pre[0].data.metrics["loss"] == pytest.approx(pre[0].data.metrics["loss"])  # logged, finite
     assert any(r.data.tags.get("mlflow.parentRunId") == pre[0].info.run_id for r in runs), "no evaluation child run"
