@@ -56,7 +56,7 @@ def test_build_shards_then_pretrain_under_slurm(slurm: SlurmCluster, tmp_path: P
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri, registry_uri=uri)
     exp = client.get_experiment_by_name("adpretrain-ci")
-    runs = client.search_runs([exp.experiment_id], filter_string="tags.`adpretrain.run_name` = 'ci'")
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`adpretrain.run_name` LIKE 'ci-%'")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     run = runs[0]
     assert run.data.tags["adpretrain.checkpoint.latest_step"] == "6"
