@@ -6,7 +6,7 @@ plain ``tar cf`` of the same files (images and masks), to local disk and to an S
 decode -> resize/crop 224, ``pipeline.data.iter_decoded``) against decoding and resizing
 the same samples from memory, from local disk and through the S3 server.
 
-    python bench/shards.py [--samples 30] [--size 512] [--repeats 3]
+    python bench/shards.py [--samples 60] [--size 512] [--repeats 3]
 
 The data is synthetic Real-IAD (JPEG images, 5 views, PNG masks) from ``shards.synth``;
 the S3 server is moto's, started on 127.0.0.1 in a separate process. Every figure is the
@@ -58,7 +58,7 @@ def best(fn, repeats: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--samples", type=int, default=30, help="physical samples per class (x5 views), 2 classes")
+    ap.add_argument("--samples", type=int, default=60, help="physical samples per class (x5 views), 2 classes")
     ap.add_argument("--size", type=int, default=512, help="image side")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
@@ -75,7 +75,10 @@ def main() -> None:
     from shards.synth import generate
 
     storage.register_webdataset_schemes()
+    import torch
     import webdataset as wds
+
+    torch.set_num_threads(1)  # both read paths decode in one thread: the ratio is the streaming overhead
 
     work = Path(tempfile.mkdtemp(prefix="bench-shards-"))
     try:
