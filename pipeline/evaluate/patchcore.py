@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import numpy as np
@@ -53,11 +55,24 @@ def random_projection(dim: int, out_dim: int, seed: int) -> Tensor:
     return torch.randn(dim, out_dim, generator=g) / math.sqrt(out_dim)
 
 
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run torch CPU ops on one thread, restoring the setting afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def greedy_coreset(x: Tensor, n: int, start: int = 0) -> Tensor:
     """Greedy k-center selection of n rows of x (N, d): start with row `start`, then
     repeatedly add the row farthest from everything selected so far (first index on ties).
 
-    Returns the selected indices (n,) in selection order.
+    Returns the selected indices (n,) in selection order. Each of the n steps is a few
+    small memory-bound ops, so on CPU they run on one thread: on 2 busy cores, intra-op
+    threading made 5120 steps over 51200 x 128 take 654 s instead of 66 s.
     """
     total = x.shape[0]
     if not 1 <= n <= total:
@@ -69,16 +84,17 @@ def greedy_coreset(x: Tensor, n: int, start: int = 0) -> Tensor:
     dist = torch.empty(1, total, device=x.device)
     chosen = torch.empty(n, dtype=torch.long)
     cur = start
-    for i in range(n):
-        chosen[i] = cur
-        torch.matmul(x[cur : cur + 1], xt, out=dist)  # squared distance = |x|^2 - 2 x.c + |c|^2
-        d = dist[0].mul_(-2.0).add_(sq).add_(sq[cur])
-        torch.minimum(min_d, d, out=min_d)
-        cur = int(torch.argmax(min_d))
+    with _one_thread():
+        for i in range(n):
+            chosen[i] = cur
+            torch.matmul(x[cur : cur + 1], xt, out=dist)  # squared distance = |x|^2 - 2 x.c + |c|^2
+            d = dist[0].mul_(-2.0).add_(sq).add_(sq[cur])
+            torch.minimum(min_d, d, out=min_d)
+            cur = int(torch.argmax(min_d))
     return chosen
 
 
-def nearest_torch(queries: Tensor, memory: Tensor, chunk: int = 4096) -> Tensor:
+def nearest_torch(queries: Tensor, memory: Tensor, chunk: int = 256) -> Tensor:
     """Euclidean distance of every query row to its nearest memory row (exact)."""
     m_sq = (memory * memory).sum(dim=1)
     out = torch.empty(queries.shape[0], device=queries.device)
@@ -138,9 +154,13 @@ class PatchCore:
         """Build the memory bank from the features of the class's normal training images."""
         patches = aggregate(train_feats).flatten(0, 2)
         idx = self.select(patches)
-        self.memory = patches[idx.to(patches.device)].contiguous()
-        self._index = _FaissIndex(self.memory) if self.backend == "faiss" else None
         log.debug("patchcore memory bank: %d of %d patches, dim %d", len(idx), len(patches), patches.shape[1])
+        return self.set_memory(patches[idx.to(patches.device)])
+
+    def set_memory(self, memory: Tensor) -> "PatchCore":
+        """Use these (M, D) aggregated patch features as the memory bank."""
+        self.memory = memory.float().contiguous()
+        self._index = _FaissIndex(self.memory) if self.backend == "faiss" else None
         return self
 
     def patch_scores(self, feats: list[Tensor]) -> Tensor:
