@@ -6,7 +6,7 @@ plain ``tar cf`` of the same files (images and masks), to local disk and to an S
 decode -> resize/crop 224, ``pipeline.data.iter_decoded``) against decoding and resizing
 the same samples from memory, from local disk and through the S3 server.
 
-    python bench/shards.py [--samples 60] [--size 512] [--repeats 3]
+    python bench/shard_io.py [--samples 60] [--size 512] [--repeats 3]
 
 The data is synthetic Real-IAD (JPEG images, 5 views, PNG masks) from ``shards.synth``;
 the S3 server is moto's, started on 127.0.0.1 in a separate process. Every figure is the
