@@ -77,18 +77,20 @@ def _loss_curves(cfg: Config, run_id: str, path: str) -> bool:
     keys = sorted(k for k in client.get_run(run_id).data.metrics if k == "loss" or k.split("/")[0] in ("angle", "norm1", "norm2"))
     if not keys:
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    panel = {"loss": 0, "angle": 1, "norm1": 2, "norm2": 2}
     for k in keys:
         hist = sorted(client.get_metric_history(run_id, k), key=lambda m: m.step)
-        ax = axes[0] if k == "loss" else axes[1]
-        ax.plot([m.step for m in hist], [m.value for m in hist], label=k, lw=1.4)
+        axes[panel[k.split("/")[0]]].plot([m.step for m in hist], [m.value for m in hist], label=k, lw=1.2)
     axes[0].set_title("total loss (sum over levels)")
-    axes[1].set_title("per level: angle and norm (two views)")
-    axes[1].set_yscale("symlog", linthresh=1e-2)
+    axes[1].set_title("angle loss per level")
+    axes[2].set_title("norm loss per level and view")
+    axes[2].set_yscale("log")
     for ax in axes:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, ncol=2)
+    for ax in axes[1:]:
+        ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
