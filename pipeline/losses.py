@@ -88,64 +88,95 @@ def _blocks(idx: Tensor, size: int) -> list[Tensor]:
     return list(idx.split(size)) if idx.numel() else []
 
 
-class _AngleRows(torch.autograd.Function):
-    """Per-row angle loss ``lse_i - inv_tau * z_i . z_partner(i)`` of the 2n local rows of q.
+_EPS = 1e-12  # as F.normalize: rows are divided by max(||d||, eps)
 
-    Rows 0..n-1 of q are view 1 and rows n..2n-1 view 2, so the partner of row i is row
-    i +- n. lse_i = log sum over the columns j of k with the other label of
-    exp(q_i . k_j * inv_tau). Rows and columns are taken in blocks of ``chunk`` by index (no
-    copy of the features), and the backward pass recomputes each (chunk x chunk) block from
-    q, k and the saved lse: memory beyond the features and their gradients is O(chunk^2) in
-    both passes.
+
+def _inv_norms(d: Tensor) -> Tensor:
+    return 1.0 / torch.linalg.vector_norm(d, dim=1).clamp_min(_EPS)
+
+
+def _unit_rows(d: Tensor, inv: Tensor, idx: Tensor) -> Tensor:
+    """The normalised rows ``idx`` of d (a copy of chunk x C)."""
+    return d.index_select(0, idx).mul_(inv[idx, None])
+
+
+def _to_centred_grad(g: Tensor, d: Tensor, inv: Tensor, chunk: int) -> None:
+    """In place, block by block: gradient w.r.t. z = d / ||d|| -> gradient w.r.t. d.
+
+    dL/dd = (g - z (z . g)) / ||d||.
+    """
+    for r0 in range(0, d.shape[0], chunk):
+        gb, ib = g[r0 : r0 + chunk], inv[r0 : r0 + chunk, None]
+        zb = d[r0 : r0 + chunk] * ib
+        gb.sub_(zb * torch.linalg.vecdot(zb, gb)[:, None]).mul_(ib)
+
+
+class _AngleRows(torch.autograd.Function):
+    """Per-row angle loss ``lse_i - inv_tau * z_i . z_partner(i)`` of the 2n local rows.
+
+    Inputs are centred features d = e - mu (normalised here, z = d / ||d||): rows 0..n-1 of
+    ``d`` are view 1 and rows n..2n-1 view 2, so the partner of row i is row i +- n; ``dk``
+    holds the columns (every rank's rows; ``d`` itself in one process). lse_i = log sum over
+    the columns j of the other label of exp(z_i . zk_j * inv_tau). Rows and columns are
+    taken in blocks of ``chunk`` by index, and the backward pass recomputes each
+    (chunk x chunk) block from d, dk and the saved lse: memory beyond the features and
+    their gradients is O(chunk * C + chunk^2) in both passes.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, q: Tensor, k: Tensor, q_abnormal: Tensor, k_abnormal: Tensor, inv_tau: float, chunk: int
+        ctx, d: Tensor, dk: Tensor, d_abnormal: Tensor, k_abnormal: Tensor, inv_tau: float, chunk: int
     ) -> Tensor:
-        lse = torch.empty(q.shape[0], dtype=q.dtype, device=q.device)
-        for rows, cols in _pairs(q_abnormal, k_abnormal, chunk):  # the caller has autocast off
+        shared = d is dk
+        inv = _inv_norms(d)
+        inv_k = inv if shared else _inv_norms(dk)
+        lse = torch.empty(d.shape[0], dtype=d.dtype, device=d.device)
+        for rows, cols in _pairs(d_abnormal, k_abnormal, chunk):  # the caller has autocast off
             for r in rows:
-                qb = q.index_select(0, r)
-                acc = torch.full((r.numel(),), float("-inf"), dtype=q.dtype, device=q.device)
+                qb = _unit_rows(d, inv, r)
+                acc = torch.full((r.numel(),), float("-inf"), dtype=d.dtype, device=d.device)
                 for c in cols:
-                    s = torch.mm(qb, k.index_select(0, c).T).mul_(inv_tau)
+                    s = torch.mm(qb, _unit_rows(dk, inv_k, c).T).mul_(inv_tau)
                     acc = torch.logaddexp(acc, torch.logsumexp(s, dim=1))
                     del s
                 lse.index_copy_(0, r, acc)
-        ctx.save_for_backward(q, k, q_abnormal, k_abnormal, lse)
-        ctx.inv_tau, ctx.chunk, ctx.shared = inv_tau, chunk, q is k
-        n = q.shape[0] // 2
-        pos = torch.linalg.vecdot(q[:n], q[n:]) * inv_tau
+        ctx.save_for_backward(d, dk, d_abnormal, k_abnormal, lse, inv, inv_k)
+        ctx.inv_tau, ctx.chunk, ctx.shared = inv_tau, chunk, shared
+        n = d.shape[0] // 2
+        pos = torch.linalg.vecdot(d[:n], d[n:]) * inv[:n] * inv[n:] * inv_tau
         return lse - torch.cat([pos, pos])
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor | None, None, None, None, None]:  # type: ignore[override]
-        q, k, q_abnormal, k_abnormal, lse = ctx.saved_tensors
-        inv_tau = ctx.inv_tau
-        dq = torch.zeros_like(q)
-        dk = dq if ctx.shared else torch.zeros_like(k)  # one process: rows and columns are one tensor
-        scale = grad.to(q.dtype) * inv_tau
-        with torch.autocast(q.device.type, enabled=False):
-            for rows, cols in _pairs(q_abnormal, k_abnormal, ctx.chunk):
+        d, dk, d_abnormal, k_abnormal, lse, inv, inv_k = ctx.saved_tensors
+        inv_tau, chunk = ctx.inv_tau, ctx.chunk
+        # gradients w.r.t. the unit vectors first, turned into gradients w.r.t. d at the end
+        gz = torch.zeros_like(d)
+        gk = gz if ctx.shared else torch.zeros_like(dk)  # one process: rows and columns are one tensor
+        scale = grad.to(d.dtype) * inv_tau
+        with torch.autocast(d.device.type, enabled=False):
+            for rows, cols in _pairs(d_abnormal, k_abnormal, chunk):
                 for r in rows:
-                    qb = q.index_select(0, r)
-                    lb, gb = lse[r, None], scale[r, None]
-                    dqb = torch.zeros_like(qb)
+                    qb = _unit_rows(d, inv, r)
+                    lb, sb = lse[r, None], scale[r, None]
+                    gqb = torch.zeros_like(qb)
                     for c in cols:
-                        kb = k.index_select(0, c)
+                        kb = _unit_rows(dk, inv_k, c)
                         # p_ij: softmax weight of negative j for row i, times the row's upstream gradient / tau
-                        p = torch.mm(qb, kb.T).mul_(inv_tau).sub_(lb).exp_().mul_(gb)
-                        dqb.addmm_(p, kb)
-                        dk.index_add_(0, c, torch.mm(p.T, qb))
+                        p = torch.mm(qb, kb.T).mul_(inv_tau).sub_(lb).exp_().mul_(sb)
+                        gqb.addmm_(p, kb)
+                        gk.index_add_(0, c, torch.mm(p.T, qb))
                         del p
-                    dq.index_add_(0, r, dqb)
+                    gz.index_add_(0, r, gqb)
             # the positive term of rows i and partner(i) both hold z_i . z_partner(i)
-            n = q.shape[0] // 2
+            n = d.shape[0] // 2
             pair = (scale[:n] + scale[n:])[:, None]
-            dq[:n].addcmul_(q[n:], pair, value=-1.0)
-            dq[n:].addcmul_(q[:n], pair, value=-1.0)
-        return dq, None if ctx.shared else dk, None, None, None, None
+            gz[:n].addcmul_(d[n:], pair * inv[n:, None], value=-1.0)
+            gz[n:].addcmul_(d[:n], pair * inv[:n, None], value=-1.0)
+            _to_centred_grad(gz, d, inv, chunk)
+            if not ctx.shared:
+                _to_centred_grad(gk, dk, inv_k, chunk)
+        return gz, None if ctx.shared else gk, None, None, None, None
 
 
 def _pairs(q_abnormal: Tensor, k_abnormal: Tensor, chunk: int) -> list[tuple[list[Tensor], list[Tensor]]]:
@@ -183,12 +214,12 @@ def angle_loss(
     inv_tau = 1.0 / tau
     with torch.autocast(e1.device.type, enabled=False):
         # rows 0..N-1: view 1, rows N..2N-1: view 2 (the positive of row i is row i +- N)
-        z = F.normalize(torch.cat([e1.to(dtype), e2.to(dtype)]).sub_(center.to(dtype)), dim=1)
+        d = torch.cat([e1.to(dtype), e2.to(dtype)]).sub_(center.to(dtype))
         y2 = torch.cat([y, y])
         if group is None:
-            zk, yk = z, y2
+            dk, yk = d, y2
         else:
-            zk, yk = _gather_rows(z, y2, group)
+            dk, yk = _gather_rows(d, y2, group)
         n_abnormal = int(yk.sum())
         if n_abnormal == 0:
             raise ValueError(
@@ -197,7 +228,7 @@ def angle_loss(
             )
         if n_abnormal == yk.numel():
             raise ValueError("angle_loss: the batch has no normal patch, so abnormal patches have no negatives")
-        return _AngleRows.apply(z, zk, y2, yk, inv_tau, chunk_size).sum() / yk.numel()
+        return _AngleRows.apply(d, dk, y2, yk, inv_tau, chunk_size).sum() / yk.numel()
 
 
 def norm_loss(e: Tensor, labels: Tensor, group: ProcessGroup | None = None) -> Tensor:
