@@ -54,22 +54,30 @@ def _numpy(x: ArrayLike) -> np.ndarray:
 
 
 class _Above:
-    """Scores sorted ascending with cumulative weights: the weight above any threshold."""
+    """Scores sorted ascending with their weights: the weight above any threshold."""
 
     def __init__(self, scores: np.ndarray, weights: np.ndarray | None = None) -> None:
         order = np.argsort(scores, kind="stable")
         self.sorted = scores[order]
-        w = np.ones(scores.size) if weights is None else weights[order]
-        self.cum = np.concatenate([[0.0], np.cumsum(w, dtype=np.float64)])
-        self.total = float(self.cum[-1])
+        self.weights = np.ones(scores.size) if weights is None else weights[order].astype(np.float64)
+        self.total = float(self.weights.sum())
 
-    def ge(self, t: np.ndarray) -> np.ndarray:
-        """Weight of the scores >= t."""
-        return self.total - self.cum[np.searchsorted(self.sorted, t, side="left")]
+    def gt_ge(self, desc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Weight of the scores > t and >= t for every t of a strictly descending array.
 
-    def gt(self, t: np.ndarray) -> np.ndarray:
-        """Weight of the scores > t."""
-        return self.total - self.cum[np.searchsorted(self.sorted, t, side="right")]
+        The scores are located among the thresholds (few binary searches when there are
+        fewer scores than thresholds) and the weights summed from the top.
+        """
+        asc = desc[::-1]
+        g = asc.size
+
+        def above(side: str) -> np.ndarray:
+            # score p lies above asc[j] (strictly for side 'left') iff searchsorted(asc, p) > j
+            pos = np.searchsorted(asc, self.sorted, side=side)
+            w = np.bincount(pos, weights=self.weights, minlength=g + 1)
+            return np.cumsum(w[::-1])[::-1][1:][::-1]  # entry j: sum of w[j+1:], then descending order
+
+        return above("left"), above("right")
 
 
 def _groups(desc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -88,7 +96,7 @@ def _area(above: _Above, neg_desc: np.ndarray, n_neg: int, limit: float = 1.0) -
     end = np.cumsum(c) / n_neg
     k = min(int(np.searchsorted(end, limit, side="left")), v.size - 1)  # group reaching `limit`
     start = end[k - 1] if k > 0 else 0.0
-    lo, hi = above.gt(v[: k + 1]), above.ge(v[: k + 1])
+    lo, hi = above.gt_ge(v[: k + 1])
     width = c[: k + 1] / n_neg
     full = float(np.sum(width[:k] * (lo[:k] + hi[:k]))) / 2.0
     alpha = (limit - start) / width[k]  # share of the last group's segment below `limit`
