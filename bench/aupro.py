@@ -116,8 +116,8 @@ from anomalib.metrics.aupro import _AUPRO
 maps = torch.from_numpy(np.load(sys.argv[1])); masks = torch.from_numpy(np.load(sys.argv[2]))
 best = None
 for _ in range(3):
-    t = time.perf_counter(); m = _AUPRO(fpr_limit=0.3); m.update(maps, masks.int())
-    value = float(m.compute()); dt = time.perf_counter() - t
+    t = time.process_time(); m = _AUPRO(fpr_limit=0.3); m.update(maps, masks.int())
+    value = float(m.compute()); dt = time.process_time() - t
     best = dt if best is None else min(best, dt)
 import anomalib
 print(json.dumps({"value": value, "seconds": best, "version": anomalib.__version__}))
@@ -138,11 +138,12 @@ def run_anomalib(python: str, maps: np.ndarray, masks: np.ndarray) -> dict | str
 
 
 def best_of(f, repeats: int = 3) -> tuple[float, object]:
+    """Least CPU time of the process over `repeats` calls (all threads), and the value."""
     best, value = float("inf"), None
     for _ in range(repeats):
-        t = time.perf_counter()
+        t = time.process_time()
         value = f()
-        best = min(best, time.perf_counter() - t)
+        best = min(best, time.process_time() - t)
     return best, value
 
 
@@ -166,19 +167,18 @@ def main() -> None:
     n_regions = sum(measure.label(m).max() for m in masks)
     print(
         f"{args.maps} maps of {args.size}x{args.size}, {int(n_regions)} defect regions, "
-        f"{masks.mean() * 100:.2f}% abnormal pixels, FPR limit {FPR_LIMIT}"
+        f"{masks.mean() * 100:.2f}% abnormal pixels, FPR limit {FPR_LIMIT}; times are CPU seconds of "
+        "the process (best of 3, the loop and scikit-learn once), which a busy machine disturbs less than wall time"
     )
 
     t_ours, ours = best_of(lambda: aupro(maps, masks, FPR_LIMIT))
-    t0 = time.perf_counter()
-    fprs, pros = released_curve(maps, masks, args.thresholds)
-    t_loop = time.perf_counter() - t0
+    t_loop, (fprs, pros) = best_of(lambda: released_curve(maps, masks, args.thresholds), repeats=1)
     sampled, bound = sampled_value(fprs, pros)
     released = released_value(fprs, pros)
     other = run_anomalib(args.anomalib_python, maps, masks)
 
     print()
-    print("| AUPRO implementation | seconds | AUPRO@0.3 | ours is faster by | difference to ours |")
+    print("| AUPRO implementation | CPU s | AUPRO@0.3 | ours is faster by | difference to ours |")
     print("| --- | ---: | ---: | ---: | ---: |")
     print(f"| ours (exact) | {t_ours:.3f} | {ours:.6f} | 1x | 0 |")
     print(
@@ -200,7 +200,7 @@ def main() -> None:
     t_pix, pix = best_of(lambda: pixel_metrics(maps, masks, FPR_LIMIT))
     t_sk, sk = best_of(lambda: sklearn_pixel(maps, masks), repeats=1)
     print()
-    print("| pixel AUROC + AP + max F1 | seconds | AUROC | AP | max F1 |")
+    print("| pixel AUROC + AP + max F1 | CPU s | AUROC | AP | max F1 |")
     print("| --- | ---: | ---: | ---: | ---: |")
     print(
         f"| ours (pixel_metrics, AUPRO included) | {t_pix:.3f} | {pix['pixel_auroc']:.6f} | {pix['pixel_ap']:.6f} | "

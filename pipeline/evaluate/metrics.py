@@ -17,7 +17,9 @@ the curve's points, so a tie group of normal and abnormal samples is a diagonal 
 
 How it is computed: the normal scores are sorted once (np.sort: a value sort, much faster
 than an argsort of all pixels) and the abnormal ones are argsorted with their weights;
-counts above a threshold are then binary searches. The curves change in FPR only at
+the weight of abnormal scores above every normal-score group comes from locating the
+abnormal scores among the groups (binary searches) and summing from the top, and the
+normal count above every abnormal score from binary searches. The curves change in FPR only at
 normal scores, and the ROC/PRO curve between two consecutive normal-score groups is
 vertical (zero area), so each area is a sum over the normal-score groups v, of width
 count(v) / N, of the trapezoid between the curve value just above v and at v. AP and
