@@ -27,7 +27,6 @@ computed on the ``split: val`` sources only.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import io
@@ -41,13 +40,14 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from pipeline.config import KINDS, Config, EvalSpec, SourceSpec
 from pipeline.errors import DataError, UserError
+from pipeline.evaluate.patchcore import one_thread
 
 log = logging.getLogger(__name__)
 
@@ -144,18 +144,6 @@ def mean_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------- data
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Compute with one torch thread (restored afterwards): in-process and Ray tasks then give
-    identical floating-point results."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 @dataclass

@@ -60,7 +60,7 @@ def random_projection(dim: int, out_dim: int, seed: int) -> Tensor:
 
 
 @contextmanager
-def _one_thread() -> Iterator[None]:
+def one_thread() -> Iterator[None]:
     """Run torch CPU ops on one thread, restoring the setting afterwards."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -88,7 +88,7 @@ def greedy_coreset(x: Tensor, n: int, start: int = 0) -> Tensor:
     dist = torch.empty(1, total, device=x.device)
     chosen = torch.empty(n, dtype=torch.long)
     cur = start
-    with _one_thread():
+    with one_thread():
         for i in range(n):
             chosen[i] = cur
             torch.matmul(x[cur : cur + 1], xt, out=dist)  # squared distance = |x|^2 - 2 x.c + |c|^2
