@@ -23,6 +23,7 @@ def _adpretrain(*args: str, cwd: Path, timeout: int) -> subprocess.CompletedProc
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2700)
 def test_run_chain_ci_config(tmp_path):
     from mlflow.tracking import MlflowClient
 
