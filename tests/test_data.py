@@ -101,7 +101,6 @@ def config(tmp: Path, **data) -> Config:
                     {"name": "b", "layout": "folder", "root": str(tmp / "src-b"), "split": "pretrain"}],
         "shards": {"url": str(tmp)},
         "backbone": {"levels": [1], "weights": "random", "image_size": SIZE},
-        "refbank": {"per_group": 8},
         "data": settings,
         "train": {"steps": 10, "storage": str(tmp / "train")},
     })
