@@ -31,7 +31,8 @@ from pipeline_fixtures import REPO, ci_overrides  # noqa: E402
 
 pytest_plugins = ["pipeline_fixtures"]
 
-STEPS, EVERY = 8, 2
+# the kill comes after the first checkpoint is registered: 12 steps later the run would end
+STEPS, EVERY = 14, 2
 
 
 class KillAfterCheckpoint(threading.Thread):
@@ -46,7 +47,9 @@ class KillAfterCheckpoint(threading.Thread):
         self.stop = threading.Event()
 
     def _latest_step(self) -> int | None:
-        snapshots = list(self.storage.glob("*/checkpoint_manager_snapshot.json"))  # one run in this storage
+        """Step of the latest checkpoint Ray Train has registered (its snapshot of the run's
+        checkpoints, in the run folder; one run in this storage)."""
+        snapshots = list(self.storage.glob("*/checkpoint_manager_snapshot.json"))
         if len(snapshots) != 1:
             return None
         try:
@@ -111,7 +114,8 @@ def test_ray_job_submit_survives_a_killed_worker_and_registers_a_model_that_load
     assert f"registered      models:/{cfg.tracking.model_name}/1" in log
 
     # the kill: after a registered checkpoint, before the end
-    assert killer.killed_pid is not None, "no train worker was found to kill after the first checkpoint"
+    assert killer.killed_pid is not None, (
+        f"no checkpoint_manager_snapshot.json with a step >= {EVERY} under {cfg.train.storage}, or no train worker")
     assert not psutil.pid_exists(killer.killed_pid) or psutil.Process(killer.killed_pid).status() == "zombie"
     assert killer.step_at_kill < STEPS, "the worker was killed only after the last checkpoint"
 
