@@ -131,9 +131,19 @@ def setup_logging(verbose: bool = False) -> None:
     )
 
 
+def use_interpreter_tools() -> None:
+    """Put this interpreter's bin folder first on PATH (for us and the Ray workers we start):
+    DeepSpeed JIT-builds its ops with the `ninja` found on PATH, and switching between the
+    environment's ninja and the system's forces a full rebuild."""
+    bin_dir = os.path.dirname(sys.executable)
+    if os.environ.get("PATH", "").split(os.pathsep)[0] != bin_dir:
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    use_interpreter_tools()
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)

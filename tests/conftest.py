@@ -13,9 +13,12 @@ import uuid
 
 import pytest
 
+from pipeline.cli import use_interpreter_tools
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+use_interpreter_tools()
 
 
 def free_port() -> int:

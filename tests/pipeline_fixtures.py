@@ -41,11 +41,6 @@ from pipeline.config import Config, load_config
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-# Tools of this venv first on PATH, for Ray workers too: DeepSpeed JIT-builds its ops with the
-# `ninja` found there, and a build by another ninja than the cached one's starts over.
-_VENV_BIN = os.path.dirname(sys.executable)
-if os.environ.get("PATH", "").split(os.pathsep)[0] != _VENV_BIN:
-    os.environ["PATH"] = _VENV_BIN + os.pathsep + os.environ.get("PATH", "")
 
 REPO = Path(__file__).resolve().parents[1]
 CI_CONFIG = REPO / "configs" / "ci.yaml"
@@ -175,8 +170,8 @@ def ray_head(tmp_path_factory) -> Iterator[RayHead]:
     """``ray start --head --num-cpus 2 --dashboard-host 127.0.0.1`` on free ports, in a temp
     folder of its own (so no other `ray.init()` of this machine joins it); stopped afterwards
     together with everything it started."""
-    ray_cmd = os.path.join(_VENV_BIN, "ray")
-    # the jobs' python is the one on PATH when `ray start` runs: this venv's (see _VENV_BIN)
+    ray_cmd = os.path.join(os.path.dirname(sys.executable), "ray")
+    # the jobs' python is the one on PATH when `ray start` runs: this venv's (conftest puts it first)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", MLFLOW_DISABLE_TELEMETRY="true")
     temp = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")  # short: Ray's socket paths have a length limit
