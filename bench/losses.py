@@ -160,6 +160,11 @@ def main() -> None:
                 f"| {ratio} | {rel_dense} | {rel_exact:.1e} | {grad_diff} |",
                 flush=True,
             )
+    if bytes_per_entry:
+        print(
+            f"dense: {bytes_per_entry:.1f} bytes per similarity-matrix entry at its largest run; "
+            "'~' values are that times the entries of both matrices"
+        )
 
 
 if __name__ == "__main__":
