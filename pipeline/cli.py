@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="write synthetic industrial AD data in a public dataset's layout")
     synth.add_arguments(p)
-    p.set_defaults(func=synth.run_cli)
+    p.set_defaults(func=lambda args: print(synth.generate_from_args(args).table()))
 
     _config_command(sub, "build-shards", "pack the configured sources into WebDataset shards", _cmd_build_shards)
     _config_command(sub, "refbank", "encode the reference bank of normal images", _cmd_refbank)

@@ -585,9 +585,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder of your own normal images (jpg/png): the normal class, with synthetic defects")
 
 
-def run_cli(args: argparse.Namespace) -> int:
-    """``adpretrain synth``: generate with a progress bar and print the summary."""
-    summary = generate(
+def generate_from_args(args: argparse.Namespace) -> SynthSummary:
+    """``adpretrain synth``: generate with a progress bar from the parsed flags."""
+    return generate(
         args.layout,
         args.out,
         classes=args.class_names if args.class_names else args.classes,
@@ -599,5 +599,3 @@ def run_cli(args: argparse.Namespace) -> int:
         base_images=args.base_images,
         progress=True,
     )
-    print(summary.table())
-    return 0
