@@ -143,6 +143,9 @@ class TrainSpec(Strict):
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one per GPU)")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement strategy of the workers (STRICT_SPREAD: every worker on a node of its own)"
+    )
     steps: int = Field(ge=1)
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(5e-4, ge=0)
@@ -276,7 +279,7 @@ class Config(Strict):
         """Hash of what determines the trained projector (data, model, loss, schedule), not of
         how the run is operated (failures allowed, logging, storage, evaluation, tracking)."""
         d = self.to_dict()
-        train = {k: v for k, v in d["train"].items() if k not in ("max_failures", "log_every", "storage")}
+        train = {k: v for k, v in d["train"].items() if k not in ("max_failures", "log_every", "storage", "placement")}
         keep = {k: d[k] for k in ("seed", "backbone", "refbank", "centers", "projector", "loss", "data")}
         keep.update(train=train, shards=d["shards"]["url"], sources=[s for s in d["sources"] if s["split"] == "pretrain"])
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()

@@ -112,6 +112,7 @@ def pretrain(cfg: Config, parent_run_id: str | None = None) -> PretrainResult:
             num_workers=cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,
             resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})},
+            placement_strategy=cfg.train.placement,
         ),
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         run_config=RunConfig(
