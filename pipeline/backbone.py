@@ -4,11 +4,15 @@ One code path for ViTs and CNNs: the full timm model is built, its weights are l
 the layers after the deepest requested level are pruned, and ``forward_intermediates``
 returns the requested levels as (B, C, h, w) maps.
 
-- ViTs (``vit_*_patch14_dinov2``, CLIP towers such as ``vit_base_patch16_clip_224.openai``):
+- ViTs (``vit_*_patch14_dinov2``, CLIP towers such as ``vit_base_patch16_clip_quickgelu_224.openai``):
   ``levels`` are 1-based block indices; the raw block outputs are taken (no final norm, as
   in the released code), class/register tokens dropped, tokens reshaped to the patch grid.
   Weight files go through timm's ViT checkpoint conversion (official DINOv2 and OpenAI CLIP
-  names, position embedding resampled to ``image_size``).
+  names, position embedding resampled to ``image_size``). OpenAI's CLIP weights were trained
+  with QuickGELU, so they need timm's ``*_clip_quickgelu_*`` models: a GELU CLIP model with
+  OpenAI's weights is refused where the name or the file shows it (``.openai`` pretrained tag,
+  or a file that carries OpenAI's release entries), and warned about for files in the OpenAI
+  key layout, which OpenCLIP's GELU towers (LAION, DataComp) share.
 - CNNs: ``levels`` are timm ``out_indices`` (the same stages ``features_only`` returns;
   tested), each level resized to a ``grid x grid`` map and keeping its own width.
 
@@ -22,6 +26,8 @@ import hashlib
 import importlib.metadata
 import io
 import logging
+import os
+import pickle
 import re
 from dataclasses import dataclass
 
@@ -49,6 +55,14 @@ PACKAGE_ARCHS = {
 }
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+
+# How torch.load(weights_only=True) begins its message when a file holds more than tensors.
+TORCH_REFUSAL = "Weights only load failed"
+
+# The key by which timm's ViT conversion recognises OpenAI's CLIP layout, and the entries that
+# only OpenAI's released checkpoints carry next to it (OpenCLIP's files share the layout).
+CLIP_LAYOUT_KEY = "visual.class_embedding"
+OPENAI_RELEASE_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 
 @dataclass(frozen=True)
@@ -95,9 +109,11 @@ def _parse_state_dict(data: bytes, where: str) -> dict[str, Tensor]:
             return load_safetensors(data)
         except SafetensorError:
             pass
+        if isinstance(e, pickle.UnpicklingError) and str(e).startswith(TORCH_REFUSAL):
+            raise UserError(_refusal(where)) from None
         raise UserError(
             f"weights file {where!r} is neither a safetensors file nor a torch state dict readable with "
-            f"weights_only=True ({type(e).__name__}: {str(e)[:200]})"
+            f"weights_only=True ({type(e).__name__}: {e})"
         ) from None
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):
@@ -107,6 +123,23 @@ def _parse_state_dict(data: bytes, where: str) -> dict[str, Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise UserError(f"weights file {where!r} does not hold a state dict (a mapping of names to tensors)")
     return dict(obj)
+
+
+def _refusal(where: str) -> str:
+    """Why a pickled weights file is refused, and the one command that converts it."""
+    local = "://" not in where
+    src = where if local else "LOCAL_COPY.pt"
+    out = os.path.splitext(src)[0] + ".safetensors"
+    code = (
+        f"import pickle, torch; from safetensors.torch import save_file; obj = torch.load({src!r}, "
+        "pickle_module=pickle); sd = obj.state_dict() if hasattr(obj, 'state_dict') else obj.get('state_dict', obj); "
+        f"save_file({{k: v.contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}}, {out!r})"
+    )
+    return (
+        f"refusing to unpickle {where}: it is not a plain state dict (it holds Python objects, and unpickling "
+        f"runs code from the file). If you trust its origin, convert {'it' if local else 'a local copy'} to "
+        f'safetensors with\n  python -c "{code}"\nand set backbone.weights to {{file: {out}}}'
+    )
 
 
 def _map_in_order(source: dict[str, Tensor], template: dict[str, Tensor], where: str, arch: str) -> dict[str, Tensor]:
@@ -198,6 +231,41 @@ def _vit_convert(sd: dict[str, Tensor], model: nn.Module, where: str) -> dict[st
         return checkpoint_filter_fn(sd, model)
     except Exception as e:  # shapes that timm cannot convert fail deep inside it
         raise UserError(f"weights {where} cannot be converted to {type(model).__name__}: {type(e).__name__}: {e}") from None
+
+
+def _quickgelu_variant(arch: str) -> str | None:
+    """timm's QuickGELU twin of a GELU CLIP architecture (``*_clip_*`` -> ``*_clip_quickgelu_*``), if any."""
+    if "_clip_" not in arch or "quickgelu" in arch:
+        return None
+    twin = arch.replace("_clip_", "_clip_quickgelu_", 1)
+    return twin if timm.is_model(twin) else None
+
+
+def _check_clip_activation(spec: BackboneSpec, arch: str, loaded: LoadedWeights | None) -> None:
+    """OpenAI's CLIP weights in a GELU model give wrong features without any error: refuse that
+    where the name or the file shows it, and warn where the file's layout is also OpenCLIP's."""
+    twin = _quickgelu_variant(arch)
+    if twin is None:
+        return
+    tag = timm.models.split_model_name_tag(spec.name)[1]
+    if spec.weights == "pretrained" and tag == "openai" and timm.is_model_pretrained(f"{twin}.openai"):
+        raise UserError(
+            f"backbone.name {spec.name!r}: OpenAI's CLIP weights were trained with QuickGELU, but {arch} uses "
+            f"GELU, which gives wrong features; set backbone.name to {twin + '.openai'!r}"
+        )
+    if loaded is None or CLIP_LAYOUT_KEY not in loaded.state_dict:
+        return
+    if any(k in loaded.state_dict for k in OPENAI_RELEASE_KEYS):
+        raise UserError(
+            f"weights {loaded.desc} are OpenAI's CLIP release (they hold its {', '.join(OPENAI_RELEASE_KEYS)} "
+            f"entries), trained with QuickGELU, but backbone.name {spec.name!r} uses GELU, which gives wrong "
+            f"features; set backbone.name to {twin!r}"
+        )
+    log.warning(
+        "weights %s are in the OpenAI CLIP key layout and backbone.name %r uses GELU: right for OpenCLIP towers "
+        "trained with GELU (LAION, DataComp), wrong for OpenAI's own CLIP weights, which need %r",
+        loaded.desc, spec.name, twin,
+    )
 
 
 def _resize(x: Tensor, grid: int) -> Tensor:
@@ -307,6 +375,8 @@ def build_backbone(spec: BackboneSpec) -> FeatureExtractor:
         raise UserError(f"backbone.levels {list(spec.levels)} must be strictly increasing")
     arch = timm.models.split_model_name_tag(spec.name)[0]
     is_vit = timm.models.is_model_in_modules(arch, ["vision_transformer"])
+    if is_vit:
+        _check_clip_activation(spec, arch, None)
     model = _create(spec, is_vit, pretrained=spec.weights == "pretrained")
     if not hasattr(model, "forward_intermediates"):
         raise UserError(f"backbone.name {spec.name!r}: this timm model has no multi-level feature API")
@@ -342,6 +412,7 @@ def build_backbone(spec: BackboneSpec) -> FeatureExtractor:
     if isinstance(spec.weights, (WeightsFile, WeightsPackage)):
         loaded = read_weights(spec.weights, arch, template)
         if is_vit:
+            _check_clip_activation(spec, arch, loaded)
             loaded = LoadedWeights(_vit_convert(loaded.state_dict, model, loaded.desc), loaded.sha256, loaded.desc)
     # drop the blocks after the deepest level, the final norm and the head
     model.prune_intermediate_layers(indices, prune_norm=True, prune_head=True)

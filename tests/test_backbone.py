@@ -232,3 +232,126 @@ def test_pretrained_without_hub_fails_clearly(monkeypatch):
 def test_bad_backbone_specs(kw, match):
     with pytest.raises(UserError, match=match):
         build_backbone(spec(weights="random", **kw))
+
+
+def openai_clip_visual(width: int = 768, layers: int = 12, patch: int = 16, grid: int = 14, out: int = 512,
+                       seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random fp16 values in the layout of OpenAI's released ViT-B/16 visual tower (``visual.*``)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def w(*shape: int, scale: float = 0.02) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * scale).half()
+
+    def ln(name: str) -> dict[str, torch.Tensor]:
+        return {f"{name}.weight": (1 + w(width, scale=0.1)).half(), f"{name}.bias": w(width)}
+
+    sd = {"visual.conv1.weight": w(width, 3, patch, patch), "visual.class_embedding": w(width, scale=0.1),
+          "visual.positional_embedding": w(grid * grid + 1, width, scale=0.1), **ln("visual.ln_pre")}
+    for i in range(layers):
+        p = f"visual.transformer.resblocks.{i}."
+        sd.update({
+            p + "attn.in_proj_weight": w(3 * width, width), p + "attn.in_proj_bias": w(3 * width),
+            p + "attn.out_proj.weight": w(width, width), p + "attn.out_proj.bias": w(width), **ln(p + "ln_1"),
+            p + "mlp.c_fc.weight": w(4 * width, width), p + "mlp.c_fc.bias": w(4 * width),
+            p + "mlp.c_proj.weight": w(width, 4 * width), p + "mlp.c_proj.bias": w(width), **ln(p + "ln_2"),
+        })
+    sd.update({**ln("visual.ln_post"), "visual.proj": w(width, out)})
+    return sd
+
+
+def openai_first_block(sd: dict[str, torch.Tensor], x: torch.Tensor, heads: int = 12) -> torch.Tensor:
+    """OpenAI CLIP's visual tower up to its first residual block, in float64, from the OpenAI
+    state dict: patch tokens of block 1 as (B, C, h, w)."""
+    v = {k[len("visual."):]: t.double() for k, t in sd.items()}
+    c = v["class_embedding"].shape[0]
+    t = F.conv2d(x.double(), v["conv1.weight"], stride=v["conv1.weight"].shape[-1])
+    b, _, h, w = t.shape
+    t = torch.cat([v["class_embedding"].expand(b, 1, c), t.flatten(2).transpose(1, 2)], 1) + v["positional_embedding"]
+    t = F.layer_norm(t, (c,), v["ln_pre.weight"], v["ln_pre.bias"])
+    p = "transformer.resblocks.0."
+    y = F.layer_norm(t, (c,), v[p + "ln_1.weight"], v[p + "ln_1.bias"])
+    q, k, val = (y @ v[p + "attn.in_proj_weight"].T + v[p + "attn.in_proj_bias"]).chunk(3, -1)
+    q, k, val = (z.reshape(b, -1, heads, c // heads).transpose(1, 2) for z in (q, k, val))
+    a = torch.softmax(q @ k.transpose(-1, -2) / (c // heads) ** 0.5, -1) @ val
+    t = t + a.transpose(1, 2).reshape(b, -1, c) @ v[p + "attn.out_proj.weight"].T + v[p + "attn.out_proj.bias"]
+    y = F.layer_norm(t, (c,), v[p + "ln_2.weight"], v[p + "ln_2.bias"])
+    u = y @ v[p + "mlp.c_fc.weight"].T + v[p + "mlp.c_fc.bias"]
+    u = u * torch.sigmoid(1.702 * u)  # QuickGELU
+    t = t + u @ v[p + "mlp.c_proj.weight"].T + v[p + "mlp.c_proj.bias"]
+    return t[:, 1:].transpose(1, 2).reshape(b, c, h, w)
+
+
+def test_openai_clip_weights_file_converts_every_key_into_the_quickgelu_model(tmp_path, caplog):
+    from timm.layers import QuickGELU
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    sd = openai_clip_visual()
+    path = tmp_path / "clip_vit_b16.safetensors"
+    save_file(sd, path)
+    name = "vit_base_patch16_clip_quickgelu_224"
+
+    # timm's own conversion maps every OpenAI key, onto every key of the model
+    full = timm.create_model(name)
+    converted = checkpoint_filter_fn(dict(sd), full)
+    assert set(converted) == set(full.state_dict())
+    assert len(converted) == len(sd) + 1  # + the zero head bias of the transposed projection
+
+    ext = build_backbone(spec(name=name, levels=[1, 12], weights={"file": str(path)}, bf16=False))
+    m = ext.model
+    assert all(isinstance(blk.mlp.act, QuickGELU) for blk in m.blocks)
+    torch.testing.assert_close(m.blocks[0].attn.qkv.weight, sd["visual.transformer.resblocks.0.attn.in_proj_weight"].float())
+    torch.testing.assert_close(m.patch_embed.proj.weight, sd["visual.conv1.weight"].float())
+    torch.testing.assert_close(m.cls_token[0, 0], sd["visual.class_embedding"].float())
+    assert ext.widths == [768, 768] and ext.grid == 14 and ext.mean == (0.48145466, 0.4578275, 0.40821073)
+
+    # the features are OpenAI's: block 1 against the float64 OpenAI computation
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 224, 224)
+    expected = openai_first_block(sd, x)
+    first = ext(x)[0]
+    torch.testing.assert_close(first.double(), expected, rtol=1e-4, atol=1e-4)
+
+    # the GELU twin loads the same file (the layout is also OpenCLIP's) with a warning, and its
+    # features are not OpenAI's
+    with caplog.at_level(logging.WARNING, logger="pipeline.backbone"):
+        gelu = build_backbone(spec(name="vit_base_patch16_clip_224", levels=[1], weights={"file": str(path)}, bf16=False))
+    assert any(r.levelno == logging.WARNING and name in r.getMessage() for r in caplog.records)
+    assert (gelu(x)[0].double() - expected).abs().max() > 1e-3
+
+
+def test_openai_clip_weights_in_a_gelu_model_are_refused(tmp_path):
+    release = {**openai_clip_visual(layers=1), "input_resolution": torch.tensor(224), "context_length": torch.tensor(77),
+               "vocab_size": torch.tensor(49408), "logit_scale": torch.tensor(4.6)}
+    path = tmp_path / "ViT-B-16.safetensors"
+    save_file(release, path)
+    with pytest.raises(UserError, match=r"OpenAI's CLIP release .* set backbone.name to 'vit_base_patch16_clip_quickgelu_224'"):
+        build_backbone(spec(name="vit_base_patch16_clip_224", levels=[1], weights={"file": str(path)}))
+    # the timm hub name that carries OpenAI's weights into the GELU model: refused before any download
+    with pytest.raises(UserError, match=r"set backbone.name to 'vit_base_patch16_clip_quickgelu_224.openai'"):
+        build_backbone(spec(name="vit_base_patch16_clip_224.openai", levels=[1], weights="pretrained"))
+
+
+def test_a_pickled_weights_file_is_refused_with_a_conversion_that_works(tmp_path):
+    import argparse
+    import subprocess
+    import sys
+
+    torch.manual_seed(7)
+    src = timm.create_model("tf_efficientnet_lite0").eval()
+    path = tmp_path / "lightning.ckpt"
+    torch.save({"state_dict": src.state_dict(), "hparams": argparse.Namespace(lr=0.1)}, path)  # a custom object
+    with pytest.raises(UserError) as err:
+        build_backbone(spec(name="tf_efficientnet_lite0", levels=[2], weights={"file": str(path)}))
+    msg = str(err.value)
+    assert msg.startswith(f"refusing to unpickle {path}: it is not a plain state dict")
+    assert "weights_only" not in msg  # no advice to turn the safe loader off
+    out = tmp_path / "lightning.safetensors"
+    assert msg.endswith(f"and set backbone.weights to {{file: {out}}}")
+    command = msg.split("\n")[1].strip()
+    assert command.startswith('python -c "')
+    subprocess.run([sys.executable, "-c", command[len('python -c "'):-1]], check=True)
+    ext = build_backbone(spec(name="tf_efficientnet_lite0", levels=[2], grid=28, weights={"file": str(out)}, bf16=False))
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        (expected,) = src.forward_intermediates(x, indices=[2], intermediates_only=True)
+    torch.testing.assert_close(ext(x)[0], expected, rtol=1e-5, atol=1e-5)
