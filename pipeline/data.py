@@ -5,7 +5,11 @@ so the streams are endless and every rank yields exactly as many batches as the 
 asks for, whatever the shard counts: a rank can never run dry while another waits in a
 collective. Each batch mixes the normal and the abnormal stream at a fixed ratio with at
 least one abnormal image, and mixes the pretraining sources by their weights.
-Corrupt samples are skipped with a warning and counted in the batch (``skipped``).
+Corrupt samples and unreadable shards are skipped with a warning and counted in the batch
+(``skipped``); a stream that skips more than ``data.max_skip_fraction`` of what it reads
+stops the run. The stages that build from the shards once (reference bank, centers) read
+them with ``strict=True`` instead: the first unreadable shard is an error.
+Every reader first checks the shards' sizes against the manifest (:func:`check_shard_sizes`).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -32,6 +37,7 @@ from pipeline.transforms import (
     normalize,
     patch_labels,
 )
+from shards import storage
 from shards.build import read_manifest, shard_urls
 from shards.storage import register_webdataset_schemes
 
@@ -67,10 +73,37 @@ def decode_sample(sample: dict, size: int) -> Decoded:
     return Decoded(sample["__key__"], image_to_tensor(img, size), mask_to_tensor(mask, size), meta)
 
 
+def check_shard_sizes(manifest: dict, base_url: str, urls: list[str]) -> None:
+    """Every shard of ``urls`` (under ``base_url``) is present with the size ``manifest`` gives it;
+    else one DataError naming the shards that differ. One listing per shard folder."""
+    expected = {storage.join(base_url, s["path"]): s.get("bytes") for s in manifest["shards"]}
+    names: dict[str, list[str]] = defaultdict(list)
+    for url in urls:
+        folder, _, name = url.rpartition("/")
+        names[folder].append(name)
+    bad = []
+    for folder, wanted in names.items():
+        sizes = storage.list_sizes(folder)
+        for name in wanted:
+            url, got = f"{folder}/{name}", sizes.get(name)
+            if url not in expected:
+                bad.append(f"{url} (not in the manifest)")
+            elif got != expected[url]:
+                bad.append(f"{url} ({'missing' if got is None else f'{got} bytes'}, the manifest says {expected[url]})")
+    if bad:
+        raise DataError(
+            f"{len(bad)} shard(s) under {base_url} differ from the manifest: {'; '.join(bad[:10])}"
+            f"{' ...' if len(bad) > 10 else ''}. Rerun `adpretrain build-shards CONFIG` to rewrite them"
+        )
+
+
 def iter_decoded(urls: list[str], size: int, *, seed: int | None = None, shuffle: int = 0,
-                 stats: dict | None = None, want: Callable[[str, dict], bool] | None = None) -> Iterator[Decoded]:
+                 stats: dict | None = None, want: Callable[[str, dict], bool] | None = None,
+                 strict: bool = False) -> Iterator[Decoded]:
     """Decoded samples of ``urls``: resampled endlessly when ``seed`` is given, else each shard
-    once in order. Corrupt samples are skipped with a warning and counted in ``stats``.
+    once in order. Corrupt samples and unreadable shards are skipped with a warning and counted
+    in ``stats`` (``skipped``, and ``decoded`` for the samples yielded); with ``strict`` the first
+    one is a DataError naming the shard instead.
     ``want(key, meta)``, when given, is asked before decoding: samples it declines are not decoded."""
     if not urls:
         raise DataError("no shards to read: the selection of the manifest is empty")
@@ -78,16 +111,35 @@ def iter_decoded(urls: list[str], size: int, *, seed: int | None = None, shuffle
         stages = [wds.SimpleShardList(urls)]
     else:
         stages = [wds.ResampledShards(urls, seed=seed, deterministic=True, worker_seed=lambda: 0)]
-    stages.append(wds.tarfile_to_samples(handler=_warn_and_count(stats)))
+    stages.append(wds.tarfile_to_samples(handler=wds.reraise_exception if strict else _warn_and_count(stats)))
     if shuffle > 1:
         stages.append(wds.shuffle(shuffle, initial=min(shuffle, 100), rng=random.Random(seed)))
-    for sample in wds.DataPipeline(*stages):
-        try:
-            if want is not None and not want(sample["__key__"], json.loads(sample["json"])):
+    try:
+        for sample in wds.DataPipeline(*stages):
+            try:
+                if want is not None and not want(sample["__key__"], json.loads(sample["json"])):
+                    continue
+                decoded = decode_sample(sample, size)
+            except Exception as e:  # corrupt bytes, truncated file, bad json: skip, count, go on
+                if strict:
+                    raise _unreadable(sample.get("__url__"), f"sample {sample.get('__key__')!r}: {e}") from None
+                _count(stats, f"sample {sample.get('__key__')!r} from {sample.get('__url__')}: {e}")
                 continue
-            yield decode_sample(sample, size)
-        except Exception as e:  # corrupt bytes, truncated file, bad json: skip, count, go on
-            _count(stats, f"sample {sample.get('__key__')!r} from {sample.get('__url__')}: {e}")
+            if stats is not None:
+                stats["decoded"] = stats.get("decoded", 0) + 1
+            yield decoded
+    except DataError:
+        raise
+    except Exception as e:  # with strict only: the reader of a shard failed
+        if not strict:
+            raise
+        url = next((a for a in reversed(e.args) if isinstance(a, str) and a in urls), None)
+        raise _unreadable(url, f"{type(e).__name__}: {e.args[0] if e.args else e}") from None
+
+
+def _unreadable(url: str | None, what: str) -> DataError:
+    return DataError(f"shard {url} cannot be read ({what}): it is truncated or corrupt. Delete it and rerun "
+                     "`adpretrain build-shards CONFIG` to rewrite it")
 
 
 def _count(stats: dict | None, what: str) -> None:
@@ -122,6 +174,7 @@ class StreamPlan:
             a = shard_urls(manifest, cfg.shards.url, source=s.name, split=split, stream="abnormal")
             if not n:
                 raise DataError(f"source {s.name!r} has no normal shards in {cfg.shards.url}; rebuild the shards")
+            check_shard_sizes(manifest, cfg.shards.url, n + a)
             names.append(s.name)
             weights.append(s.weight)
             normal.append(tuple(n))
@@ -151,6 +204,7 @@ class MixedBatches(IterableDataset):
         self.n_abnormal = max(1, round(cfg.data.batch_size * cfg.data.abnormal_fraction))
         self.shuffle = cfg.data.shuffle_buffer
         self.augment = cfg.data.augment
+        self.max_skip, self.skip_check_after = cfg.data.max_skip_fraction, cfg.data.skip_check_after
         self.seed = (cfg.seed, rank, restart)
 
     def _seed(self, *extra: int) -> int:
@@ -176,8 +230,17 @@ class MixedBatches(IterableDataset):
             else:
                 stats["too_small"] += 1
 
+    def _check_skipped(self, stats: dict) -> None:
+        read = stats["decoded"] + stats["skipped"]
+        if read >= self.skip_check_after and stats["skipped"] > self.max_skip * read:
+            raise DataError(
+                f"{stats['skipped']} of the {read} samples this training stream read were corrupt or unreadable, "
+                f"more than data.max_skip_fraction={self.max_skip}; the warnings above name the shards: rewrite "
+                "them with `adpretrain build-shards CONFIG` (delete the bad ones first), or raise data.max_skip_fraction"
+            )
+
     def __iter__(self) -> Iterator[dict]:
-        stats: dict = {"skipped": 0, "too_small": 0}
+        stats: dict = {"skipped": 0, "decoded": 0, "too_small": 0}
         normal = self._mixed(list(self.plan.normal), 0, stats)
         abnormal = self._visible(self._mixed(list(self.plan.abnormal), 1, stats), stats)
         views = PhotometricViews(self.size, self.augment)
@@ -186,6 +249,7 @@ class MixedBatches(IterableDataset):
         while True:
             items = [next(abnormal) for _ in range(self.n_abnormal)]
             items += [next(normal) for _ in range(self.batch - self.n_abnormal)]
+            self._check_skipped(stats)
             v1, v2 = zip(*(views(d.image) for d in items))
             yield {
                 "view1": normalize(torch.stack(v1), self.mean, self.std),
@@ -201,9 +265,11 @@ class MixedBatches(IterableDataset):
             reported = (stats["skipped"], stats["too_small"])
 
 
-def train_loader(cfg: Config, mean, std, grid: int, rank: int, restart: int = 0) -> DataLoader:
+def train_loader(cfg: Config, mean, std, grid: int, rank: int, restart: int = 0,
+                 pin_memory: bool = False) -> DataLoader:
+    """Batches of ``rank``; ``pin_memory`` for a CUDA worker, so batches reach the device without a sync."""
     plan = StreamPlan.from_config(cfg)
     ds = MixedBatches(plan, cfg, mean, std, grid, rank, restart)
     w = cfg.data.loader_workers
     return DataLoader(ds, batch_size=None, num_workers=w, persistent_workers=w > 0,
-                      prefetch_factor=2 if w > 0 else None)
+                      prefetch_factor=2 if w > 0 else None, pin_memory=pin_memory)

@@ -24,7 +24,8 @@ import torch
 from PIL import Image
 
 from pipeline.config import Config, load_config
-from pipeline.data import MixedBatches, StreamPlan, iter_decoded, train_loader
+from pipeline.data import MixedBatches, StreamPlan, check_shard_sizes, iter_decoded, train_loader
+from pipeline.errors import DataError
 from pipeline.train import choose_k, deepspeed_config, lr_factor
 from pipeline.transforms import patch_labels
 from shards.build import MANIFEST_FORMAT
@@ -207,13 +208,84 @@ def test_corrupt_samples_never_stop_the_batches(tmp_path):
     assert sum(b["skipped"] for b in got) >= 3  # each pass over the shard skips its 3 bad samples
 
 
+def cut_shard(path: Path, keep: int = 2) -> str:
+    """A shard of ``keep`` + 2 samples cut 100 bytes into the image of sample ``keep``."""
+    whole = write_tar(path, [m for i in range(keep + 2) for m in sample(f"t-{i}", "a")])
+    data = Path(whole).read_bytes()
+    path.write_bytes(data[: data.index(f"t-{keep}.png".encode()) + 512 + 100])
+    return whole
+
+
+def test_strict_reading_fails_on_the_first_unreadable_shard_or_sample(tmp_path):
+    good = stream(tmp_path, "a", 1, 3)[0]
+    cut = cut_shard(tmp_path / "cut.tar")
+    with pytest.raises(DataError) as e:
+        list(iter_decoded([good, cut], SIZE, strict=True))
+    assert f"shard {cut} cannot be read" in str(e.value) and "adpretrain build-shards" in str(e.value)
+    corrupt, _, _ = corrupt_shard(tmp_path / "corrupt.tar")
+    with pytest.raises(DataError, match=rf"shard {corrupt} cannot be read \(sample 'broken-jpg'"):
+        list(iter_decoded([good, corrupt], SIZE, strict=True))
+    # a sample declined by ``want`` is not decoded, so its bad image bytes do not matter
+    jpg = dict(sample("broken-jpg", "a", fmt="jpg"))
+    jpg["broken-jpg.jpg"] = jpg["broken-jpg.jpg"][:100]
+    mixed = write_tar(tmp_path / "mixed.tar", sample("good-0", "a") + list(jpg.items()) + sample("good-1", "a"))
+    assert [d.key for d in iter_decoded([mixed], SIZE, strict=True, want=lambda k, m: k.startswith("good"))] == [
+        "good-0", "good-1"]
+    assert len(list(iter_decoded([good], SIZE, strict=True))) == 3
+
+
+def test_shard_sizes_are_checked_against_the_manifest_with_one_listing_per_folder(tmp_path, monkeypatch):
+    from shards import storage
+
+    urls = {("a", "normal"): stream(tmp_path, "a", 3, 2), ("a", "abnormal"): stream(tmp_path, "a", 2, 2, True)}
+    manifest = write_manifest(tmp_path, urls)
+    every = [u for us in urls.values() for u in us]
+    listed = []
+    real = storage.list_sizes
+    monkeypatch.setattr(storage, "list_sizes", lambda url: listed.append(url) or real(url))
+    check_shard_sizes(manifest, str(tmp_path), every)
+    assert sorted(listed) == sorted({os.path.dirname(u) for u in every})  # one listing per folder, no stat per shard
+    cut = urls[("a", "normal")][1]
+    Path(cut).write_bytes(Path(cut).read_bytes()[:-1024])  # truncated at a block boundary: still a readable tar
+    Path(urls[("a", "abnormal")][0]).unlink()
+    with pytest.raises(DataError) as e:
+        check_shard_sizes(manifest, str(tmp_path), every)
+    msg = str(e.value)
+    assert "2 shard(s)" in msg and f"{cut} (" in msg and f"{urls[('a', 'abnormal')][0]} (missing" in msg
+    assert "adpretrain build-shards" in msg
+    with pytest.raises(DataError, match="differ from the manifest"):
+        StreamPlan.from_config(config(tmp_path))  # the training streams check them too
+
+
+@pytest.mark.parametrize("fraction, stops", [(0.2, True), (0.6, False)])
+def test_training_stops_when_more_samples_are_skipped_than_allowed(tmp_path, fraction, stops):
+    # the normal shards: 4 good samples and 3 bad ones, 2 good ones and a cut; about a third of what is read is skipped
+    normal, _, _ = corrupt_shard(tmp_path / "normal" / "corrupt.tar")
+    cut_shard(tmp_path / "normal" / "cut.tar")
+    abnormal = stream(tmp_path, "a", 1, 3, abnormal=True)
+    plan = StreamPlan(("a",), (1.0,), ((normal, str(tmp_path / "normal" / "cut.tar")),), (tuple(abnormal),))
+    cfg = config(tmp_path, batch_size=4, max_skip_fraction=fraction, skip_check_after=60)
+    it = iter(MixedBatches(plan, cfg, MEAN, STD, GRID, rank=0))
+    early = [next(it) for _ in range(5)]  # fewer than skip_check_after samples read: the rate does not apply yet
+    assert sum(b["skipped"] for b in early) > 0.2 * 4 * 5
+    if stops:
+        with pytest.raises(DataError, match=r"more than data.max_skip_fraction=0.2.*adpretrain build-shards"):
+            for _ in range(40):
+                next(it)
+    else:
+        assert all(int(next(it)["label"].sum()) == 1 for _ in range(40))
+
+
 # ----------------------------------------------------------------------------- ranks and shard counts
 
 
-def write_manifest(tmp: Path, urls: dict[tuple[str, str], list[str]]) -> None:
+def write_manifest(tmp: Path, urls: dict[tuple[str, str], list[str]]) -> dict:
     shards = [{"source": src, "split": "pretrain", "stream": st, "masks": st == "abnormal" or None,
-               "path": str(Path(u).relative_to(tmp))} for (src, st), us in urls.items() for u in us]
-    (tmp / "manifest.json").write_text(json.dumps({"format": MANIFEST_FORMAT, "shards": shards}))
+               "path": str(Path(u).relative_to(tmp)), "bytes": os.path.getsize(u)}
+              for (src, st), us in urls.items() for u in us]
+    manifest = {"format": MANIFEST_FORMAT, "shards": shards}
+    (tmp / "manifest.json").write_text(json.dumps(manifest))
+    return manifest
 
 
 def test_uneven_shard_counts_give_every_rank_its_batches_in_bounded_time(tmp_path):
