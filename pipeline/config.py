@@ -130,12 +130,6 @@ class DataSpec(Strict):
     shuffle_buffer: int = Field(500, ge=1)
     loader_workers: int = Field(2, ge=0)
     augment: bool = True
-    max_skip_fraction: float = Field(
-        0.01, ge=0, le=1, description="share of the samples a training stream reads that may be corrupt or "
-        "unreadable (skipped and counted) before the run stops with an error"
-    )
-    skip_check_after: int = Field(1000, ge=1, description="samples a training stream reads before "
-                                  "data.max_skip_fraction applies")
 
 
 class DeepSpeedSpec(Strict):
@@ -192,6 +186,13 @@ class EvalSpec(Strict):
     max_test_images: int | None = Field(None, ge=1, description="cap per class (None: all)")
     out: str = Field("eval", description="results folder (under the run folder)")
     seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where features are extracted and methods run; auto: CUDA when present (Ray: when "
+        "the cluster has GPUs); cuda: an error when this machine has none. PatchCore's nearest-neighbour search, "
+        "decoding and metrics stay on the CPU"
+    )
+    gpus_per_task: float = Field(0.25, gt=0, le=1, description="fraction of a GPU each Ray feature or method "
+                                 "task asks for when on CUDA")
 
 
 class RayInit(Strict):

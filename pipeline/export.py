@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline import devices
 from pipeline.config import BackboneSpec, ProjectorSpec
 from pipeline.errors import UserError
 
@@ -72,19 +73,22 @@ class ADFeatures:
     """Frozen backbone + residual matching + projector, for downstream use.
 
     ``images`` and ``refs`` are float tensors (N, 3, S, S) in [0, 1] at the backbone's
-    image size (see pipeline.transforms.image_to_tensor). Outputs are per level (N, C, h, w).
+    image size (see pipeline.transforms.image_to_tensor), on any device: they are moved to
+    ``device``, where the backbone, projector and centers live. Outputs are per level
+    (N, C, h, w) on ``device``.
     """
 
     backbone: torch.nn.Module
     projector: torch.nn.Module
     centers: list[torch.Tensor]
     spec: dict
+    device: torch.device = devices.CPU
     match_chunk: int = 4096
 
     def _encode(self, x01: torch.Tensor) -> list[torch.Tensor]:
         from pipeline.transforms import normalize
 
-        return self.backbone(normalize(x01, self.backbone.mean, self.backbone.std))
+        return self.backbone(normalize(x01.to(self.device), self.backbone.mean, self.backbone.std))
 
     def bank(self, refs: torch.Tensor) -> list[torch.Tensor]:
         """Reference bank per level, (1, K*h*w, C), from K normal reference images."""
@@ -98,7 +102,7 @@ class ADFeatures:
     def residual(self, images: torch.Tensor, bank: list[torch.Tensor]) -> list[torch.Tensor]:
         from pipeline.residual import match_residual
 
-        return [match_residual(f, b, self.match_chunk) for f, b in zip(self._encode(images), bank)]
+        return [match_residual(f, b.to(self.device), self.match_chunk) for f, b in zip(self._encode(images), bank)]
 
     @torch.no_grad()
     def features(self, images: torch.Tensor, refs: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
@@ -107,10 +111,16 @@ class ADFeatures:
         return self.projector(self.residual(images, bank))
 
 
-def load_feature_extractor(folder: str, device: str = "cpu") -> ADFeatures:
+def load_feature_extractor(folder: str, device: str | torch.device = "cpu") -> ADFeatures:
+    """The exported projector in ``folder`` with its backbone, on ``device``: ``"cpu"``, ``"cuda"``
+    (the current CUDA device), ``"auto"`` (CUDA when present), or any ``torch.device``."""
     from pipeline.backbone import build_backbone
     from pipeline.projector import Projector
 
+    if isinstance(device, str) and device in ("auto", "cpu", "cuda"):
+        device = devices.resolve(device)
+    device = torch.device(device)
+    devices.require_cuda(device.type == "cuda", f"device {str(device)!r}")
     spec = read_spec(folder)
     backbone = build_backbone(BackboneSpec.model_validate(spec["backbone"])).to(device)
     if spec.get("weights_sha256") and backbone.weights_sha256 and spec["weights_sha256"] != backbone.weights_sha256:
@@ -122,5 +132,5 @@ def load_feature_extractor(folder: str, device: str = "cpu") -> ADFeatures:
     projector.load_state_dict(load_file(os.path.join(folder, PROJECTOR_FILE)))
     projector.eval().to(device)
     c = load_file(os.path.join(folder, CENTERS_FILE))
-    centers = [c[f"level{i}"] for i in range(len(c))]
-    return ADFeatures(backbone, projector, centers, spec)
+    centers = [c[f"level{i}"].to(device) for i in range(len(c))]
+    return ADFeatures(backbone, projector, centers, spec, device)

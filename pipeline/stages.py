@@ -6,50 +6,93 @@ backbone and stored next to the shards. The choice keeps, per group, the images 
 smallest seeded hash of their key: one pass over the normal shards, independent of shard
 order and of the number of shards, and stable when data is added.
 
-Centers: the mean residual of normal patches per level, with K = ``centers.k`` references
-drawn from the bank, summed over Ray tasks (one per shard subset) and reduced.
+Centers: the mean residual of normal patches per level over a sample of
+``centers.max_images`` normal images spread evenly over every group (:func:`centers_quotas`).
+A group's share of the sample is its images with the smallest hash of their key seeded by
+``seed`` (another hash than the bank's), and every image's K = ``centers.k`` references are
+drawn from the bank with a generator seeded by its key: Ray tasks (one per shard subset, on
+a GPU when ``train.use_gpu``) return their best candidates per group and the driver keeps
+the global best, so sample and centers are the same whatever the number of tasks.
+
+Both are keyed by what they are computed from: the sha256 of the shard manifest and their
+own settings (:func:`refbank_inputs`, :func:`centers_inputs`) are hashed into their URL and
+kept in their metadata, so after the shards or the settings change they are computed anew,
+never reused stale. Both stages check the shards' sizes against the manifest and fail on the
+first shard they cannot read.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from pipeline.config import Config
-from pipeline.errors import DataError
+from pipeline.errors import DataError, UserError
 from shards import storage
 
 log = logging.getLogger(__name__)
 
+BATCH = 16  # images per backbone call
+
+
+def manifest_sha256(url: str) -> str:
+    """sha256 of the bytes of the shard manifest under ``url``."""
+    from shards.build import MANIFEST, read_manifest
+
+    read_manifest(url)  # a clear error when there are no shards
+    return hashlib.sha256(storage.read_bytes(storage.join(url, MANIFEST))).hexdigest()
+
+
+def refbank_inputs(cfg: Config, backbone_id: str) -> dict:
+    """What the reference bank is computed from."""
+    return {"manifest_sha256": manifest_sha256(cfg.shards.url), "backbone_id": backbone_id,
+            "bf16": cfg.backbone.bf16, "per_group": cfg.refbank.per_group, "seed": cfg.refbank.seed}
+
+
+def centers_inputs(cfg: Config, backbone_id: str) -> dict:
+    """What the centers are computed from (the reference bank's inputs among them)."""
+    return {"refbank": refbank_inputs(cfg, backbone_id), "k": cfg.centers.k,
+            "max_images": cfg.centers.max_images, "seed": cfg.seed}
+
+
+def _digest(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
+
 
 def refbank_url(cfg: Config, backbone_id: str) -> str:
-    return storage.join(cfg.shards.url, "refbank", backbone_id)
+    return storage.join(cfg.shards.url, "refbank", f"{backbone_id}-{_digest(refbank_inputs(cfg, backbone_id))}")
 
 
 def centers_url(cfg: Config, backbone_id: str) -> str:
-    return storage.join(cfg.shards.url, "centers", f"{backbone_id}.safetensors")
+    name = f"{backbone_id}-{_digest(centers_inputs(cfg, backbone_id))}.safetensors"
+    return storage.join(cfg.shards.url, "centers", name)
 
 
 def _rank_key(seed: int, key: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big")
 
 
-def _pretrain_normal_urls(cfg: Config) -> list[str]:
-    from shards.build import read_manifest, shard_urls
+def _pretrain_normal_urls(cfg: Config, manifest: dict) -> list[str]:
+    """The normal pretraining shards, checked against the manifest's sizes."""
+    from pipeline.data import check_shard_sizes
+    from shards.build import shard_urls
 
-    manifest = read_manifest(cfg.shards.url)
     urls = [u for s in cfg.sources_with("pretrain")
             for u in shard_urls(manifest, cfg.shards.url, source=s.name, split="pretrain", stream="normal")]
     if not urls:
         raise DataError(f"no normal pretraining shards under {cfg.shards.url}: run `adpretrain build-shards` first")
+    check_shard_sizes(manifest, cfg.shards.url, urls)
     return urls
 
 
-def _encode(backbone, images: list[torch.Tensor], batch: int = 16) -> list[torch.Tensor]:
+def _encode(backbone, images: list[torch.Tensor], batch: int = BATCH) -> list[torch.Tensor]:
     """Normalised (3, S, S) images -> per level (N, C, h, w) features."""
     device = next(iter(backbone.parameters()), torch.empty(0)).device
     outs: list[list[torch.Tensor]] = []
@@ -60,11 +103,12 @@ def _encode(backbone, images: list[torch.Tensor], batch: int = 16) -> list[torch
 
 
 def build_refbank(cfg: Config, progress: bool = False, backbone=None) -> str:
-    """Encode the reference bank unless a complete one exists. Returns its URL."""
+    """Encode the reference bank unless a complete one of the same inputs exists. Returns its URL."""
     from pipeline.backbone import build_backbone
     from pipeline.data import group_of, iter_decoded
     from pipeline.residual import RefBankStore
     from pipeline.transforms import normalize
+    from shards.build import read_manifest
 
     backbone = backbone or build_backbone(cfg.backbone)
     url = refbank_url(cfg, backbone.id)
@@ -72,6 +116,7 @@ def build_refbank(cfg: Config, progress: bool = False, backbone=None) -> str:
     if store.exists():
         log.info("reference bank exists at %s: skipped", url)
         return url
+    urls = _pretrain_normal_urls(cfg, read_manifest(cfg.shards.url))
     m, seed = cfg.refbank.per_group, cfg.refbank.seed
     chosen: dict[str, list[tuple[int, str, torch.Tensor]]] = defaultdict(list)
 
@@ -79,7 +124,7 @@ def build_refbank(cfg: Config, progress: bool = False, backbone=None) -> str:
         g = chosen[group_of(meta)]
         return len(g) < m or _rank_key(seed, key) < g[-1][0]
 
-    for d in tqdm(iter_decoded(_pretrain_normal_urls(cfg), cfg.backbone.image_size, want=want),
+    for d in tqdm(iter_decoded(urls, cfg.backbone.image_size, want=want, strict=True),
                   desc="refbank: scan", unit="img", disable=not progress):
         g = chosen[group_of(d.meta)]
         g.append((_rank_key(seed, d.key), d.key, d.image))
@@ -103,71 +148,151 @@ def build_refbank(cfg: Config, progress: bool = False, backbone=None) -> str:
         "groups": len(chosen),
         "widths": list(backbone.widths),
         "grid": backbone.grid,
+        "inputs": refbank_inputs(cfg, backbone.id),
     })
     log.info("reference bank: %d groups x %d images at %s", len(chosen), m, url)
     return url
 
 
-def _centers_task(cfg_dict: dict, urls: list[str], max_images: int, task: int) -> tuple[list, list]:
-    """Sum and count of normal residuals per level over ``urls`` (one Ray task)."""
+def centers_quotas(cfg: Config, manifest: dict) -> dict[str, int]:
+    """Images per group in the centers' sample: ``centers.max_images`` split evenly over the groups
+    of normal pretraining images the manifest counts; what a small group lacks goes to the others."""
+    from pipeline.data import group_of
+
+    pretrain = {s.name for s in cfg.sources_with("pretrain")}
+    sizes: Counter[str] = Counter()
+    for row in manifest["counts"]:
+        if row["source"] in pretrain and not row["label"]:
+            sizes[group_of(row)] += row["count"]
+    quota = dict.fromkeys(sizes, 0)
+    left, open_groups = cfg.centers.max_images, sorted(sizes)
+    while left and open_groups:
+        share, extra = divmod(left, len(open_groups))
+        for i, g in enumerate(open_groups):
+            add = min(share + (i < extra), sizes[g] - quota[g])
+            quota[g] += add
+            left -= add
+        open_groups = [g for g in open_groups if quota[g] < sizes[g]]
+    return quota
+
+
+@dataclass(eq=False)
+class _Candidate:
+    """An image of the centers' sample as far as one task knows: decoded, then its residual sums."""
+
+    rank: int
+    key: str
+    group: str
+    image: torch.Tensor | None
+    sums: list[np.ndarray] | None = None
+    counts: np.ndarray | None = None
+
+
+def _centers_task(cfg_dict: dict, urls: list[str], quotas: dict[str, int], bank_url: str) -> dict[str, list]:
+    """Per group, the ``quotas[group]`` images of ``urls`` with the smallest rank and the float64 sum
+    and count of their normal residuals per level: ``[(rank, key, sums, counts)]`` (one Ray task)."""
     from pipeline.backbone import build_backbone
     from pipeline.config import validate
     from pipeline.data import group_of, iter_decoded
+    from pipeline.devices import task_device
     from pipeline.residual import CenterAccumulator, RefBankStore, match_residual
     from pipeline.transforms import normalize
 
     cfg = validate(cfg_dict)
+    device = task_device(cfg.train.use_gpu)
     torch.set_num_threads(1)
-    backbone = build_backbone(cfg.backbone)
-    store = RefBankStore(refbank_url(cfg, backbone.id), cfg.refbank.cache_groups)
-    acc = CenterAccumulator(backbone.widths)
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + task)
-    batch: list = []
+    backbone = build_backbone(cfg.backbone).to(device)
+    store = RefBankStore(bank_url, cfg.refbank.cache_groups)
+    chosen: dict[str, list[_Candidate]] = defaultdict(list)  # sorted by rank, at most the group's quota
+    pending: list[_Candidate] = []
+    normal = torch.ones(1, backbone.grid, backbone.grid, dtype=torch.bool, device=device)
+
+    def rank(key: str) -> int:
+        return _rank_key(cfg.seed, f"centers:{key}")
+
+    def want(key: str, meta: dict) -> bool:  # decode only images that enter their group's quota
+        group = group_of(meta)
+        q, g = quotas.get(group, 0), chosen[group]
+        return q > 0 and (len(g) < q or rank(key) < g[-1].rank)
 
     def flush() -> None:
-        x = torch.stack([normalize(d.image, backbone.mean, backbone.std) for d in batch])
-        feats = backbone(x)
-        banks = [torch.stack(lv) for lv in zip(*(store.draw(group_of(d.meta), cfg.centers.k, gen, exclude=d.key) for d in batch))]
-        res = [match_residual(f, b, cfg.refbank.match_chunk) for f, b in zip(feats, banks)]
-        normal = torch.ones(len(batch), backbone.grid, backbone.grid, dtype=torch.bool)
-        acc.add(res, [normal] * len(res))
-        batch.clear()
+        live = [c for c in pending if c in chosen[c.group]]  # the others lost their place meanwhile
+        pending.clear()
+        if not live:
+            return
+        x = torch.stack([normalize(c.image, backbone.mean, backbone.std) for c in live]).to(device)
+        refs = [store.draw(c.group, cfg.centers.k, torch.Generator().manual_seed(_rank_key(cfg.seed, f"refs:{c.key}")),
+                           exclude=c.key) for c in live]
+        banks = [torch.stack(level).to(device) for level in zip(*refs)]
+        res = [match_residual(f, b, cfg.refbank.match_chunk) for f, b in zip(backbone(x), banks)]
+        for i, c in enumerate(live):
+            acc = CenterAccumulator(backbone.widths)
+            acc.add([r[i : i + 1] for r in res], [normal] * len(res))
+            c.sums, c.counts, c.image = [s.numpy() for s in acc.sums], acc.counts.numpy(), None
 
-    for i, d in enumerate(iter_decoded(urls, cfg.backbone.image_size)):
-        if i >= max_images:
-            break
-        batch.append(d)
-        if len(batch) == 16:
+    for d in iter_decoded(urls, cfg.backbone.image_size, want=want, strict=True):
+        c = _Candidate(rank(d.key), d.key, group_of(d.meta), d.image)
+        g = chosen[c.group]
+        g.append(c)
+        g.sort(key=lambda t: t.rank)
+        del g[quotas[c.group]:]
+        pending.append(c)
+        if len(pending) == BATCH:
             flush()
-    if batch:
-        flush()
-    return [s.tolist() for s in acc.sums], acc.counts.tolist()
+    flush()
+    return {g: [(c.rank, c.key, c.sums, c.counts) for c in cands] for g, cands in chosen.items()}
 
 
-def compute_centers(cfg: Config, progress: bool = False, backbone=None) -> str:
-    """Mean normal residual per level, summed over Ray tasks. Returns the centers' URL."""
+def compute_centers(cfg: Config, progress: bool = False, backbone=None, tasks: int | None = None) -> str:
+    """Mean normal residual per level over the centers' sample (see the module), computed by
+    ``tasks`` Ray tasks (default: one per CPU, or per GPU with ``train.use_gpu``, at most one per
+    shard) unless centers of the same inputs exist. Returns the centers' URL."""
     import ray
 
     from pipeline.backbone import build_backbone
     from pipeline.rayctx import init_ray
     from pipeline.residual import CenterAccumulator, save_centers
+    from shards.build import read_manifest
 
     backbone = backbone or build_backbone(cfg.backbone)
     url = centers_url(cfg, backbone.id)
     if storage.exists(url):
         log.info("centers exist at %s: skipped", url)
         return url
-    build_refbank(cfg, progress=progress, backbone=backbone)
-    urls = _pretrain_normal_urls(cfg)
+    bank = build_refbank(cfg, progress=progress, backbone=backbone)
+    manifest = read_manifest(cfg.shards.url)
+    urls = _pretrain_normal_urls(cfg, manifest)
+    quotas = centers_quotas(cfg, manifest)
     init_ray(cfg.ray)
-    n_tasks = max(1, min(len(urls), int(ray.cluster_resources().get("CPU", 1))))
-    parts = [urls[i::n_tasks] for i in range(n_tasks)]
-    per_task = -(-cfg.centers.max_images // n_tasks)
-    task = ray.remote(num_cpus=1)(_centers_task)
-    refs = [task.remote(cfg.to_dict(), p, per_task, i) for i, p in enumerate(parts)]
+    gpus = 1 if cfg.train.use_gpu else 0
+    slots = int(ray.cluster_resources().get("GPU" if gpus else "CPU", 1))
+    n_tasks = max(1, min(len(urls), tasks or slots))
+    task = ray.remote(num_cpus=1, num_gpus=gpus)(_centers_task)
+    refs = [task.remote(cfg.to_dict(), urls[i::n_tasks], quotas, bank) for i in range(n_tasks)]
+    best: dict[str, list] = defaultdict(list)
+    try:
+        for part in tqdm((ray.get(r) for r in refs), total=len(refs), desc="centers", disable=not progress):
+            for g, cands in part.items():
+                best[g] = sorted(best[g] + cands, key=lambda c: c[0])[: quotas[g]]
+    except ray.exceptions.RayTaskError as e:
+        for r in refs:
+            ray.cancel(r)
+        if isinstance(e.cause, UserError):
+            raise e.cause from None
+        raise
+    short = {g: f"{len(best[g])} of {q}" for g, q in quotas.items() if len(best[g]) < q}
+    if short:
+        raise DataError(f"the shards under {cfg.shards.url} hold fewer normal images than their manifest counts "
+                        f"for groups {short}; rebuild them with `adpretrain build-shards CONFIG`")
     acc = CenterAccumulator(backbone.widths)
-    for sums, counts in tqdm((ray.get(r) for r in refs), total=len(refs), desc="centers", disable=not progress):
-        acc.merge([torch.tensor(s, dtype=torch.float64) for s in sums], torch.tensor(counts, dtype=torch.float64))
-    save_centers(url, acc.centers(), backbone.id, {"k": cfg.centers.k, "images": cfg.centers.max_images})
-    log.info("centers of %d levels at %s", len(backbone.widths), url)
+    for g in sorted(best):
+        for _, _, sums, counts in best[g]:
+            acc.merge([torch.tensor(s) for s in sums], torch.tensor(counts))
+    sample = {g: [c[1] for c in best[g]] for g in sorted(best)}
+    save_centers(url, acc.centers(), backbone.id, {
+        "k": cfg.centers.k, "images": sum(map(len, sample.values())), "sample": sample,
+        "inputs": centers_inputs(cfg, backbone.id),
+    })
+    log.info("centers of %d levels from %d images of %d groups at %s", len(backbone.widths),
+             sum(map(len, sample.values())), len(sample), url)
     return url

@@ -15,8 +15,15 @@ For every ``split: eval`` and ``split: val`` source and each of its classes:
    image has a mask (otherwise None, reported as n/a, never 0).
 
 With ``parallel=True`` these are Ray tasks (features shared through the object store);
-``parallel=False`` runs the same functions in-process. Every task computes with one
-thread, so both give identical numbers.
+``parallel=False`` runs the same functions in-process. Every task on the CPU computes with
+one thread, so both give identical numbers.
+
+Devices (``eval.device``): on CUDA the feature tasks (backbone, residual matching,
+projector) and the method tasks (FeatureNorm, PaDiM, PatchCore's aggregation and coreset
+selection) run on a GPU, each Ray task asking for ``eval.gpus_per_task`` of one and taking
+the device Ray gave it (pipeline.devices.task_device); PatchCore's nearest-neighbour search
+(faiss), the shard decoding and the metrics stay on the CPU. Features travel between tasks
+as CPU tensors.
 
 Results: a table (list of dict rows: per class, and the mean over classes per
 dataset/method/kind) written as CSV and Markdown with the pictures under
@@ -27,6 +34,7 @@ computed on the ``split: val`` sources only.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -45,6 +53,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from pipeline import devices
 from pipeline.config import KINDS, Config, EvalSpec, SourceSpec
 from pipeline.errors import DataError, UserError
 from pipeline.evaluate.patchcore import one_thread
@@ -284,14 +293,14 @@ class ExportBlob:
         return cls(h.hexdigest(), files)
 
 
-_extractors: dict[str, Any] = {}
+_extractors: dict[tuple[str, torch.device], Any] = {}
 
 
-def _extractor(blob: ExportBlob):
-    """The feature extractor of ``blob``, loaded once per process."""
+def _extractor(blob: ExportBlob, device: torch.device):
+    """The feature extractor of ``blob`` on ``device``, loaded once per process."""
     from pipeline.export import load_feature_extractor
 
-    if blob.digest not in _extractors:
+    if (blob.digest, device) not in _extractors:
         folder = os.path.join(tempfile.gettempdir(), f"adpretrain-export-{blob.digest[:16]}")
         if not os.path.isfile(os.path.join(folder, "spec.json")):
             tmp = tempfile.mkdtemp(prefix=".export-", dir=tempfile.gettempdir())
@@ -303,8 +312,8 @@ def _extractor(blob: ExportBlob):
             except OSError:  # another process unpacked it first
                 shutil.rmtree(tmp, ignore_errors=True)
         _extractors.clear()
-        _extractors[blob.digest] = load_feature_extractor(folder)
-    return _extractors[blob.digest]
+        _extractors[blob.digest, device] = load_feature_extractor(folder, device)
+    return _extractors[blob.digest, device]
 
 
 @torch.no_grad()
@@ -318,11 +327,12 @@ def kind_features(fx, images01: torch.Tensor, bank: list[torch.Tensor]) -> dict[
 
 
 def _batched(fx, images_u8: torch.Tensor, bank: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+    """Features of every kind of 8-bit images, batch by batch on the extractor's device, returned on the CPU."""
     parts: dict[str, list[list[torch.Tensor]]] = {k: [] for k in KINDS}
     for i in range(0, images_u8.shape[0], BATCH):
-        x = images_u8[i : i + BATCH].float().div_(255.0)
+        x = images_u8[i : i + BATCH].to(fx.device).float().div_(255.0)
         for k, feats in kind_features(fx, x, bank).items():
-            parts[k].append(feats)
+            parts[k].append([f.cpu() for f in feats])
     return {k: [torch.cat(level) for level in zip(*v)] for k, v in parts.items()}
 
 
@@ -369,13 +379,20 @@ def _patch_norms(feats: list[torch.Tensor], labels: np.ndarray, masks: np.ndarra
     return {"normal": s[~a].numpy(), "abnormal": s[a].numpy()}
 
 
-def class_features(blob: ExportBlob, plan: ClassPlan, kinds: Sequence[str],
+def computing_on(device: torch.device):
+    """The context of a computation on ``device``: one thread on the CPU (identical numbers in
+    Ray tasks and in-process), nothing to set on a GPU."""
+    return one_thread() if device.type == "cpu" else contextlib.nullcontext()
+
+
+def class_features(blob: ExportBlob, plan: ClassPlan, kinds: Sequence[str], device: torch.device,
                    *shards: ShardImages) -> tuple:
-    """Features of ``kinds`` for one class: returns (*[(fit, test) per kind], ClassInfo)."""
+    """Features of ``kinds`` for one class, computed on ``device``: returns
+    (*[(fit, test) per kind], ClassInfo), features on the CPU."""
     start = time.perf_counter()
     data = select_images(plan, shards)
-    with one_thread():
-        fx = _extractor(blob)
+    with computing_on(device):
+        fx = _extractor(blob, device)
         bank = fx.bank(data.ref_images)
         fit = _batched(fx, data.fit_images, bank)
         test = _batched(fx, data.test_images, bank)
@@ -411,20 +428,21 @@ class Cell:
 
 
 def run_cell(method: str, kind: str, spec: EvalSpec, feats: tuple[list[torch.Tensor], list[torch.Tensor]],
-             info: ClassInfo) -> Cell:
-    """Fit ``method`` on the fit features of one kind, predict the test images, compute metrics."""
+             info: ClassInfo, device: torch.device) -> Cell:
+    """Fit ``method`` on the fit features of one kind, predict the test images (on ``device``),
+    compute metrics (on the CPU)."""
     from pipeline.evaluate.methods import make_method
     from pipeline.evaluate.metrics import image_metrics, pixel_metrics
 
     start = time.perf_counter()
     fit, test = feats
-    with one_thread():
-        m = make_method(method, spec).fit(fit)
+    with computing_on(device):
+        m = make_method(method, spec).fit([f.to(device) for f in fit])
         maps, scores = [], []
         for i in range(0, test[0].shape[0], BATCH):
-            mp, sc = m.predict([f[i : i + BATCH] for f in test], info.size)
-            maps.append(mp)
-            scores.append(sc)
+            mp, sc = m.predict([f[i : i + BATCH].to(device) for f in test], info.size)
+            maps.append(mp.cpu())
+            scores.append(sc.cpu())
         maps_t, scores_t = torch.cat(maps), torch.cat(scores)
     if not (torch.isfinite(maps_t).all() and torch.isfinite(scores_t).all()):
         raise DataError(f"{method} on {kind} features of {info.source}/{info.cls} gave non-finite scores")
@@ -450,6 +468,8 @@ def _run_sequential(cfg: Config, blob: ExportBlob, work: list[tuple[SourceSpec, 
                     size: int, progress: bool) -> tuple[list[ClassInfo], list[Cell]]:
     from tqdm import tqdm
 
+    device = devices.resolve(cfg.eval.device)
+    log.info("evaluation in-process on %s", device)
     infos, cells = [], []
     kinds, methods = list(cfg.eval.kinds), list(cfg.eval.methods)
     total = sum(len(p) for _, _, p in work) * len(kinds) * len(methods)
@@ -457,13 +477,35 @@ def _run_sequential(cfg: Config, blob: ExportBlob, work: list[tuple[SourceSpec, 
         for _, urls, plans in work:
             shards = [decode_shard(u, size) for u in urls]
             for plan in plans:
-                *per_kind, info = class_features(blob, plan, kinds, *shards)
+                *per_kind, info = class_features(blob, plan, kinds, device, *shards)
                 infos.append(info)
                 for kind, feats in zip(kinds, per_kind):
                     for method in methods:
-                        cells.append(run_cell(method, kind, cfg.eval, feats, info))
+                        cells.append(run_cell(method, kind, cfg.eval, feats, info, device))
                         bar.update()
     return infos, cells
+
+
+def task_resources(spec: EvalSpec, cluster_gpus: float) -> tuple[bool, dict[str, float]]:
+    """Whether the feature and method tasks run on GPUs, and the Ray resources each one asks
+    for; ``cluster_gpus``: the GPUs of the Ray cluster (``auto`` uses them when there are any)."""
+    use_gpu = spec.device == "cuda" or (spec.device == "auto" and cluster_gpus > 0)
+    if use_gpu and cluster_gpus <= 0:
+        raise UserError("eval.device is cuda but the Ray cluster has no GPU: start its nodes with GPUs "
+                        "(`ray start --num-gpus N`) or set eval.device: cpu")
+    return use_gpu, {"num_cpus": 1, "num_gpus": spec.gpus_per_task if use_gpu else 0}
+
+
+def features_task(use_gpu: bool, blob: ExportBlob, plan: ClassPlan, kinds: Sequence[str],
+                  *shards: ShardImages) -> tuple:
+    """:func:`class_features` in a Ray task, on the device Ray gave it."""
+    return class_features(blob, plan, kinds, devices.task_device(use_gpu), *shards)
+
+
+def cell_task(use_gpu: bool, method: str, kind: str, spec: EvalSpec,
+              feats: tuple[list[torch.Tensor], list[torch.Tensor]], info: ClassInfo) -> Cell:
+    """:func:`run_cell` in a Ray task, on the device Ray gave it."""
+    return run_cell(method, kind, spec, feats, info, devices.task_device(use_gpu))
 
 
 def _run_ray(cfg: Config, blob: ExportBlob, work: list[tuple[SourceSpec, list[str], list[ClassPlan]]],
@@ -474,19 +516,21 @@ def _run_ray(cfg: Config, blob: ExportBlob, work: list[tuple[SourceSpec, list[st
     from pipeline.rayctx import init_ray
 
     init_ray(cfg.ray)
+    use_gpu, resources = task_resources(cfg.eval, ray.cluster_resources().get("GPU", 0))
+    log.info("evaluation tasks on %s (each asks Ray for %s)", "GPUs" if use_gpu else "CPUs", resources)
     kinds, methods = list(cfg.eval.kinds), list(cfg.eval.methods)
     decode = ray.remote(num_cpus=1)(decode_shard)
-    features = ray.remote(num_cpus=1, num_returns=len(kinds) + 1)(class_features)
-    cell = ray.remote(num_cpus=1)(run_cell)
+    features = ray.remote(num_returns=len(kinds) + 1, **resources)(features_task)
+    cell = ray.remote(**resources)(cell_task)
     blob_ref, spec_ref = ray.put(blob), ray.put(cfg.eval)
     info_refs, cell_refs = [], []
     for _, urls, plans in work:
         shard_refs = [decode.remote(u, size) for u in urls]
         for plan in plans:
-            *kind_refs, info_ref = features.remote(blob_ref, plan, kinds, *shard_refs)
+            *kind_refs, info_ref = features.remote(use_gpu, blob_ref, plan, kinds, *shard_refs)
             info_refs.append(info_ref)
             for kind, kref in zip(kinds, kind_refs):
-                cell_refs += [cell.remote(method, kind, spec_ref, kref, info_ref) for method in methods]
+                cell_refs += [cell.remote(use_gpu, method, kind, spec_ref, kref, info_ref) for method in methods]
     try:
         pending = list(cell_refs)
         with tqdm(total=len(cell_refs), desc="evaluate", unit="job", disable=not progress) as bar:
@@ -717,6 +761,7 @@ def evaluate(cfg: Config, model: str | None = None, checkpoint: str | None = Non
 
     if not cfg.eval.methods or not cfg.eval.kinds:
         raise UserError(f"eval.methods {list(cfg.eval.methods)} and eval.kinds {list(cfg.eval.kinds)} must not be empty")
+    devices.require_cuda(cfg.eval.device == "cuda", "eval.device")
     srcs = _select_sources(cfg, sources)
     has_val = any(s.split == "val" for s in srcs)
     if has_val:
