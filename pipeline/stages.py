@@ -265,7 +265,10 @@ def compute_centers(cfg: Config, progress: bool = False, backbone=None, tasks: i
     quotas = centers_quotas(cfg, manifest)
     init_ray(cfg.ray)
     gpus = 1 if cfg.train.use_gpu else 0
-    slots = int(ray.cluster_resources().get("GPU" if gpus else "CPU", 1))
+    slots = int(ray.cluster_resources().get("GPU" if gpus else "CPU", 0))
+    if gpus and not slots:
+        raise UserError("train.use_gpu is true but the Ray cluster has no GPU for the centers' tasks; "
+                        "start the Ray nodes with GPUs (`ray start --num-gpus N`) or set train.use_gpu=false")
     n_tasks = max(1, min(len(urls), tasks or slots))
     task = ray.remote(num_cpus=1, num_gpus=gpus)(_centers_task)
     refs = [task.remote(cfg.to_dict(), urls[i::n_tasks], quotas, bank) for i in range(n_tasks)]

@@ -234,3 +234,12 @@ def test_a_corrupt_shard_of_the_right_size_stops_the_stages(built, backbone, sta
         getattr(stages, stage)(cfg, backbone=backbone)
     assert f"shard {shard} cannot be read" in str(e.value) and "adpretrain build-shards" in str(e.value)
     assert not list((Path(cfg.shards.url) / "centers").glob("*.safetensors"))  # nothing half-written
+
+
+def test_centers_on_gpus_need_a_cluster_with_gpus(built, backbone):
+    from pipeline.errors import UserError
+    from pipeline.stages import compute_centers
+
+    cfg = config(Path(built.shards.url).parent, "train.use_gpu=true")  # the local Ray of the tests has none
+    with pytest.raises(UserError, match=r"train.use_gpu is true but the Ray cluster has no GPU"):
+        compute_centers(cfg, backbone=backbone)
