@@ -103,7 +103,8 @@ class RefBankSpec(Strict):
 
 class CentersSpec(Strict):
     k: int = Field(4, ge=1, description="references per sample when computing centers")
-    max_images: int = Field(2000, ge=1, description="normal images used for the centers")
+    max_images: int = Field(2000, ge=1, description="normal images used for the centers, spread evenly over "
+                            "the (source, class, view) groups")
 
 
 class ProjectorSpec(Strict):
@@ -130,6 +131,12 @@ class DataSpec(Strict):
     shuffle_buffer: int = Field(500, ge=1)
     loader_workers: int = Field(2, ge=0)
     augment: bool = True
+    max_skip_fraction: float = Field(
+        0.01, ge=0, le=1, description="share of the samples a training stream reads that may be corrupt or "
+        "unreadable (skipped and counted) before the run stops with an error"
+    )
+    skip_check_after: int = Field(1000, ge=1, description="samples a training stream reads before "
+                                  "data.max_skip_fraction applies")
 
 
 class DeepSpeedSpec(Strict):
