@@ -173,14 +173,16 @@ class MixedIndexBatches(Sampler):
 
 class FileReferences:
     """The released references: per sample, K normal images of its group read from the source
-    files, decoded, resized and encoded by the backbone in one call per sample. Has the reference
+    files, decoded, resized and encoded by the backbone in one call per sample. Has the worker
     bank's ``draw`` signature, so ``Step.residuals`` matches against it unchanged; like the bank,
     it never draws the sample itself."""
+
+    device = torch.device("cpu")
 
     def __init__(self, normals: dict[str, list[tuple[str, str]]], backbone, size: int):
         self.normals, self.backbone, self.size = normals, backbone, size
 
-    def draw(self, group: str, k: int, generator: torch.Generator, exclude: str | None = None) -> list[Tensor]:
+    def _one(self, group: str, k: int, generator: torch.Generator, exclude: str) -> list[Tensor]:
         urls = [url for key, url in self.normals[group] if key != exclude]
         pick = torch.randperm(len(urls), generator=generator)[:k].tolist()
         x = torch.stack([
@@ -190,16 +192,20 @@ class FileReferences:
         ])
         return [f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in self.backbone(x)]
 
+    def draw(self, groups: list[str], keys: list[str], k: int, generator: torch.Generator) -> list[Tensor]:
+        per_sample = [self._one(g, k, generator, key) for g, key in zip(groups, keys)]
+        return [torch.stack(level) for level in zip(*per_sample)]
+
 
 class TimedReferences:
     """Wraps a reference source and adds up the seconds spent in its ``draw``."""
 
     def __init__(self, inner):
-        self.inner, self.seconds = inner, 0.0
+        self.inner, self.seconds, self.device = inner, 0.0, inner.device
 
-    def draw(self, group: str, k: int, generator: torch.Generator, exclude: str | None = None) -> list[Tensor]:
+    def draw(self, groups: list[str], keys: list[str], k: int, generator: torch.Generator) -> list[Tensor]:
         t = time.perf_counter()
-        out = self.inner.draw(group, k, generator, exclude)
+        out = self.inner.draw(groups, keys, k, generator)
         self.seconds += time.perf_counter() - t
         return out
 
@@ -276,7 +282,7 @@ class Loop:
 
     def run(self, round_index: int, first_step: int, warmup: int, steps: int) -> Totals:
         """``warmup`` untimed then ``steps`` timed steps on a fresh loader; returns this round's totals."""
-        from pipeline.train import choose_k
+        from pipeline.train import choose_k, draw_generator
 
         cfg = self.cfg
         it = self.batches(round_index)
@@ -288,10 +294,10 @@ class Loop:
                 batch = next(it)
                 t1 = time.perf_counter()
                 k = choose_k(cfg, step)
-                gen = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, step, 0]).integers(2**62)))
+                gen = draw_generator(cfg, step, 0)
                 self.refs.seconds = 0.0
                 with torch.no_grad():
-                    r1, r2 = self.step_math.residuals(batch, k, gen, torch.device("cpu"))
+                    r1, r2 = self.step_math.residuals(batch, k, gen)
                 t2 = time.perf_counter()
                 self.optimizer.zero_grad(set_to_none=True)
                 total, _ = self.step_math.loss(self.model, r1, r2, batch["mask"])
@@ -422,6 +428,7 @@ def main() -> int:
 
 def run(args: argparse.Namespace, work: Path) -> int:
     from pipeline.residual import RefBankStore, load_centers
+    from pipeline.bank import WorkerBank
     from pipeline.stages import centers_url, refbank_url
     from shards.sources import scan_source
 
@@ -440,7 +447,8 @@ def run(args: argparse.Namespace, work: Path) -> int:
             normals[group_of_record(r)].append((r.key, r.url))
     records = [r for r in records if not r.label or r.mask_url]  # abnormal images need masks, as in the shards
 
-    ours = Loop("ours (shards + stored bank)", cfg, backbone, store, centers, ours_batches(cfg, backbone))
+    ours = Loop("ours (shards + stored bank)", cfg, backbone, WorkerBank(store, torch.device("cpu")), centers,
+                ours_batches(cfg, backbone))
     released = Loop("released (files + refs encoded per step)", cfg, backbone, FileReferences(normals, backbone,
                     cfg.backbone.image_size), centers, released_batches(cfg, backbone, records))
     per_round = args.warmup + args.steps

@@ -141,7 +141,9 @@ class DataSpec(Strict):
 
 class DeepSpeedSpec(Strict):
     zero_stage: int = Field(1, ge=0, le=2)
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    precision: Literal["bf16", "fp16", "fp32"] = Field(
+        "bf16", description="bf16/fp16: autocast over fp32 master weights (fp16 with dynamic loss scaling)"
+    )
     grad_clip: float = Field(1.0, ge=0)
     optimizer: Literal["adam", "lamb"] = "adam"
 
@@ -163,7 +165,11 @@ class TrainSpec(Strict):
     checkpoint_every: int = Field(100, ge=1)
     storage: str = Field(description="Ray Train storage for checkpoints (path or s3://)")
     max_failures: int = Field(2, ge=0)
-    log_every: int = Field(1, ge=1)
+    log_every: int = Field(1, ge=1, description="steps between metric reductions (the step never waits for the device otherwise)")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step (DeepSpeed gradient_accumulation_steps)")
+    bank_memory_fraction: float = Field(
+        0.5, gt=0, le=1, description="GPU: keep the reference bank on the device when it takes at most this share of free memory"
+    )
     deepspeed: DeepSpeedSpec = DeepSpeedSpec()
 
     @field_validator("decay_at")

@@ -66,3 +66,11 @@ def task_device(use_gpu: bool) -> torch.device:
     device = torch.device("cuda", index)
     torch.cuda.set_device(device)
     return device
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``: through pinned memory with a non-blocking copy for a GPU
+    (the step does not wait for it), the tensor itself for the CPU."""
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)

@@ -19,7 +19,8 @@ gathered from all ranks with gradient (the gradient of a gathered feature is sum
 to the rank that owns it), means divide by global counts, and the norm radius uses the
 global minimum. Each rank gets its SHARE of the loss: the sum of the shares over ranks is
 the single-process loss on the concatenated batch, and the per-rank parameter gradients
-sum to the single-process gradient. Ranks may hold different numbers of patches.
+sum to the single-process gradient. Ranks may hold different numbers of patches. Every
+collective goes through :mod:`pipeline.collectives`.
 
 All arithmetic runs in float32 (float64 when the inputs are float64), with autocast off.
 """
@@ -27,20 +28,11 @@ All arithmetic runs in float32 (float64 when the inputs are float64), with autoc
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch import Tensor
 
-ProcessGroup = dist.ProcessGroup
-
-
-def reduce_sum(t: Tensor, group: ProcessGroup | None = None) -> Tensor:
-    """Sum of a (detached) tensor over the ranks of ``group``; the tensor itself when None."""
-    out = t.detach().clone()
-    if group is not None:
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-    return out
+from pipeline import collectives
+from pipeline.collectives import ProcessGroup
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
@@ -57,31 +49,6 @@ def _as_bool(labels: Tensor, n: int, name: str) -> Tensor:
     if not bool(((y == 0) | (y == 1)).all()):
         raise ValueError(f"{name} must be bool or 0/1 (True/1 = abnormal); got other values")
     return y != 0
-
-
-def _gather_sizes(n: int, device: torch.device, group: ProcessGroup) -> list[int]:
-    size = torch.tensor([n], dtype=torch.int64, device=device)
-    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(sizes, size, group=group)
-    return [int(s) for s in sizes]
-
-
-def _pad_rows(x: Tensor, rows: int) -> Tensor:
-    if x.shape[0] == rows:
-        return x
-    return torch.cat([x, x.new_zeros((rows - x.shape[0],) + tuple(x.shape[1:]))])
-
-
-def _gather_rows(z: Tensor, labels: Tensor, group: ProcessGroup) -> tuple[Tensor, Tensor]:
-    """Every rank's rows of ``z`` (with gradient to their owners) and labels, in rank order."""
-    sizes = _gather_sizes(z.shape[0], z.device, group)
-    m = max(sizes)
-    parts = dist_nn.all_gather(_pad_rows(z, m), group=group)
-    label_parts = [torch.zeros(m, dtype=torch.uint8, device=z.device) for _ in sizes]
-    dist.all_gather(label_parts, _pad_rows(labels.to(torch.uint8), m), group=group)
-    zg = torch.cat([p[:s] for p, s in zip(parts, sizes)])
-    yg = torch.cat([p[:s] for p, s in zip(label_parts, sizes)]).bool()
-    return zg, yg
 
 
 def _blocks(idx: Tensor, size: int) -> list[Tensor]:
@@ -219,7 +186,7 @@ def angle_loss(
         if group is None:
             dk, yk = d, y2
         else:
-            dk, yk = _gather_rows(d, y2, group)
+            dk, yk = collectives.gather_rows(d, y2, group)
         n_abnormal = int(yk.sum())
         if n_abnormal == 0:
             raise ValueError(
@@ -245,8 +212,7 @@ def norm_loss(e: Tensor, labels: Tensor, group: ProcessGroup | None = None) -> T
         a = torch.sqrt(e.to(dtype).norm(dim=1) + 1) - 1
         ad = a.detach()
         amin = torch.cat([ad[y], ad.new_tensor([float("inf")])]).min()  # +inf when no abnormal patch
-        if group is not None:
-            dist.all_reduce(amin, op=dist.ReduceOp.MIN, group=group)
+        collectives.min_(amin, group, "norm_loss radius")
         r_max = torch.clamp(0.9 * amin, max=0.4)
         r_min = 0.99 * r_max
         bound = r_max + 0.75
@@ -261,8 +227,7 @@ def norm_loss(e: Tensor, labels: Tensor, group: ProcessGroup | None = None) -> T
             sums.append((torch.exp(d.detach()) * F.softplus(d)).sum())
             counts.append(mask.sum())
         count = torch.stack(counts).to(dtype)
-        if group is not None:
-            dist.all_reduce(count, op=dist.ReduceOp.SUM, group=group)
+        collectives.sum_(count, group, "norm_loss counts")
         return (torch.stack(sums) / count.clamp(min=1)).sum()
 
 

@@ -3,8 +3,8 @@
 - :func:`match_residual`: for every patch feature, the reference vector of highest cosine
   similarity; residual = feature - that raw vector. Chunked over query patches, so the
   similarity block held at once is at most ``chunk x P``.
-- :class:`CenterAccumulator`: per-level sum and count of normal residuals, reducible over
-  ``torch.distributed`` or merged from other processes; mean = the centers.
+- :class:`CenterAccumulator`: per-level sum and count of normal residuals, merged from
+  other processes; mean = the centers.
 - :class:`RefBankStore`: the reference bank next to the shards (``{shards.url}/refbank/<backbone-id>``),
   one fp16 safetensors file per (source, class, view) group and a manifest written last.
 
@@ -23,7 +23,6 @@ from collections import OrderedDict
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -95,8 +94,7 @@ def match_residual(feat: Tensor, bank: Tensor, chunk: int = 4096) -> Tensor:
 class CenterAccumulator:
     """Per-level float64 sum and count of the residuals of normal patches.
 
-    ``add`` per batch, then either ``all_reduce`` (inside a torch.distributed job, once) or
-    ``merge`` (sums and counts returned by other processes), then ``centers``.
+    ``add`` per batch, ``merge`` the sums and counts returned by other processes, then ``centers``.
     """
 
     def __init__(self, widths: list[int]) -> None:
@@ -128,16 +126,6 @@ class CenterAccumulator:
         for lv, s in enumerate(sums):
             self.sums[lv] += s.double().cpu()
         self.counts += counts.double().cpu()
-
-    def all_reduce(self, group: Any = None) -> None:
-        """Sum over the ranks of ``group`` (one collective); every rank then holds the global totals."""
-        device = torch.device("cpu")
-        if dist.get_backend(group) == "nccl":
-            device = torch.device("cuda", torch.cuda.current_device())
-        flat = torch.cat(self.sums + [self.counts]).to(device)
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-        parts = flat.cpu().split(self.widths + [len(self.widths)])
-        self.sums, self.counts = [p.clone() for p in parts[:-1]], parts[-1].clone()
 
     def centers(self) -> list[Tensor]:
         """Mean normal residual per level, float32 (C_l,)."""
@@ -329,12 +317,17 @@ class RefBankStore:
         """``k`` distinct images of ``group`` drawn with ``generator``; per level (k*h*w, C_l) float32.
         ``exclude``: an image key never drawn (a sample is not its own reference)."""
         feats = self.load(group)
-        keys = self.manifest()["groups"][group]["image_keys"]
-        allowed = torch.tensor([i for i, key in enumerate(keys) if key != exclude], dtype=torch.long)
-        if not 1 <= k <= len(allowed):
-            raise UserError(
-                f"cannot draw {k} references from group {group!r} of the bank at {self.url!r}: it has "
-                f"{len(allowed)} other than the sample; raise refbank.per_group above the largest K"
-            )
-        pick = allowed[torch.randperm(len(allowed), generator=generator)[:k]]
+        pick = pick_references(self.manifest()["groups"][group]["image_keys"], k, generator, exclude,
+                               f"group {group!r} of the bank at {self.url!r}")
         return [f[pick].permute(0, 2, 3, 1).reshape(-1, f.shape[1]).float() for f in feats]
+
+
+def pick_references(keys: list[str], k: int, generator: torch.Generator, exclude: str | None, where: str) -> Tensor:
+    """Indices of ``k`` distinct images among ``keys`` drawn with ``generator``, never ``exclude``."""
+    allowed = torch.tensor([i for i, key in enumerate(keys) if key != exclude], dtype=torch.long)
+    if not 1 <= k <= len(allowed):
+        raise UserError(
+            f"cannot draw {k} references from {where}: it has {len(allowed)} other than the sample; "
+            "raise refbank.per_group above the largest K"
+        )
+    return allowed[torch.randperm(len(allowed), generator=generator)[:k]]

@@ -2,9 +2,18 @@
 projector (a DeepSpeed engine) -> angle + norm losses with negatives from all ranks.
 
 Every rank runs the same number of steps on endless resampled streams, draws the same K
-per step from a seeded RNG, and reports to Ray Train at the same steps, so no collective
-can wait on a rank that stopped. Checkpoints hold each rank's DeepSpeed shard plus the
-projector weights (safetensors) and the step; a restarted run resumes from the last one.
+per micro-batch from a seeded RNG, and reduces metrics and reports to Ray Train at the same
+steps, so no collective can wait on a rank that stopped. Everything a step computes lives on
+the device Ray Train gave the worker (:mod:`pipeline.devices`), the reference bank included
+(:mod:`pipeline.bank`); every collective goes through :mod:`pipeline.collectives`.
+
+With ``train.grad_accum`` = A, an optimizer step takes A micro-batches of ``data.batch_size``
+per rank; the angle loss's negatives come from one micro-batch of every rank.
+
+Checkpoints hold each rank's DeepSpeed shard plus the projector weights (safetensors) and
+the step; a restarted run resumes from the last one. DeepSpeed's files are read back with
+``torch.load(weights_only=True)`` only (:func:`read_checkpoints_safely`): a checkpoint that
+holds anything but tensors and plain values is refused, never unpickled.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import pickle
 import tempfile
 import time
 from typing import Any
@@ -21,17 +31,19 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import Config, validate
+from pipeline.devices import to_device
+from pipeline.errors import UserError
+from pipeline.export import PROJECTOR_FILE
 
 log = logging.getLogger(__name__)
 
 CKPT_TAG = "engine"
-PROJECTOR_FILE = "projector.safetensors"
 
 
 def lr_factor(step: int, cfg: Config, world_size: int) -> float:
     """Learning-rate multiplier at ``step``: global-batch scaling, linear warm-up, step decay."""
     t = cfg.train
-    global_batch = cfg.data.batch_size * world_size
+    global_batch = cfg.data.batch_size * world_size * t.grad_accum
     scale = {"none": 1.0, "linear": global_batch / t.base_batch, "sqrt": math.sqrt(global_batch / t.base_batch)}
     f = scale[t.lr_scaling]
     if t.warmup_steps and step < t.warmup_steps:
@@ -40,53 +52,55 @@ def lr_factor(step: int, cfg: Config, world_size: int) -> float:
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
-    d = cfg.train.deepspeed
+    d, accum = cfg.train.deepspeed, cfg.train.grad_accum
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-        "train_batch_size": cfg.data.batch_size * world_size,
-        "gradient_accumulation_steps": 1,
+        "train_batch_size": cfg.data.batch_size * world_size * accum,
+        "gradient_accumulation_steps": accum,
         "gradient_clipping": d.grad_clip,
         "zero_optimization": {"stage": d.zero_stage},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if d.precision == "bf16":
-        # autocast with fp32 master weights (METHOD.md §5), not a bf16 cast of the model
-        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
-    elif d.precision == "fp16":
-        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    if d.precision != "fp32":
+        # autocast over fp32 master weights (METHOD.md §5), never a cast of the model; for fp16
+        # DeepSpeed adds dynamic loss scaling (torch.amp.GradScaler) to the same path
+        ds["torch_autocast"] = {"enabled": True, "dtype": {"bf16": "bfloat16", "fp16": "float16"}[d.precision]}
     if d.optimizer == "lamb":
         ds["optimizer"] = {"type": "Lamb", "params": {"lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay}}
     return ds
 
 
-def choose_k(cfg: Config, step: int) -> int:
-    """K references for ``step``: the same on every rank and after any restart."""
-    rng = np.random.default_rng([cfg.seed, 0x4B, step])
+def choose_k(cfg: Config, draw: int) -> int:
+    """K references for micro-batch ``draw``: the same on every rank and after any restart."""
+    rng = np.random.default_rng([cfg.seed, 0x4B, draw])
     return int(rng.choice(cfg.data.k_choices))
 
 
-def draw_banks(store, groups: list[str], keys: list[str], k: int, gen: torch.Generator, device) -> list[torch.Tensor]:
-    """Per level a (B, k*h*w, C) bank: k reference images of each sample's group, never the sample itself."""
-    per_sample = [store.draw(g, k, gen, exclude=key) for g, key in zip(groups, keys)]
-    return [torch.stack([s[lvl] for s in per_sample]).to(device) for lvl in range(len(per_sample[0]))]
+def draw_generator(cfg: Config, draw: int, rank: int) -> torch.Generator:
+    """The host generator that picks this rank's references for micro-batch ``draw``."""
+    return torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, draw, rank]).integers(2**62)))
 
 
 class Step:
-    """One training step's math, shared by the worker loop and the benchmark."""
+    """One micro-batch's math, shared by the worker loop, the tests and the benchmarks.
 
-    def __init__(self, cfg: Config, backbone, store, centers: list[torch.Tensor], group=None):
-        self.cfg, self.backbone, self.store, self.group = cfg, backbone, store, group
+    ``bank`` is a :class:`pipeline.bank.WorkerBank`; its device is where everything runs.
+    """
+
+    def __init__(self, cfg: Config, backbone, bank, centers: list[torch.Tensor], group=None):
+        self.cfg, self.backbone, self.bank, self.group = cfg, backbone, bank, group
+        self.device = bank.device
         self.centers = centers
 
-    def residuals(self, batch: dict, k: int, gen: torch.Generator, device) -> tuple[list, list]:
+    def residuals(self, batch: dict, k: int, gen: torch.Generator) -> tuple[list, list]:
         from pipeline.residual import match_residual
 
-        banks = draw_banks(self.store, batch["group"], batch["key"], k, gen, device)
+        banks = self.bank.draw(batch["group"], batch["key"], k, gen)
         chunk = self.cfg.refbank.match_chunk
-        f1 = self.backbone(batch["view1"].to(device))
-        f2 = self.backbone(batch["view2"].to(device))
+        f1 = self.backbone(to_device(batch["view1"], self.device))
+        f2 = self.backbone(to_device(batch["view2"], self.device))
         r1 = [match_residual(f, b, chunk) for f, b in zip(f1, banks)]
         r2 = [match_residual(f, b, chunk) for f, b in zip(f2, banks)]
         return r1, r2
@@ -99,43 +113,73 @@ class Step:
         out = model([torch.cat([a, c]) for a, c in zip(r1, r2)])
         e1, e2 = [o[:b] for o in out], [o[b:] for o in out]
         lc, grid = self.cfg.loss, self.backbone.grid
-        angle = patch_labels(mask, grid, lc.angle_labels, lc.angle_pixel_threshold).to(e1[0].device)
-        norm = patch_labels(mask, grid, lc.norm_labels, lc.angle_pixel_threshold).to(e1[0].device)
+        angle = to_device(patch_labels(mask, grid, lc.angle_labels, lc.angle_pixel_threshold), self.device)
+        norm = to_device(patch_labels(mask, grid, lc.norm_labels, lc.angle_pixel_threshold), self.device)
         n = len(e1)
         return adpretrain_loss(e1, e2, [angle] * n, [norm] * n, self.centers, lc.tau, lc.chunk_size, group=self.group)
 
+    def __call__(self, model, batch: dict, k: int, gen: torch.Generator):
+        """(total, parts) of this rank's share for one micro-batch; the backbone and matching without grad."""
+        with torch.no_grad():
+            r1, r2 = self.residuals(batch, k, gen)
+        return self.loss(model, r1, r2, batch["mask"])
 
-def _all_reduce_sum(values: torch.Tensor, group) -> torch.Tensor:
-    if group is not None:
-        dist.all_reduce(values, group=group)
-    return values
+
+def part_names(levels: int) -> list[str]:
+    """The loss parts :func:`pipeline.losses.adpretrain_loss` returns, in its order."""
+    return [f"{p}/l{i}" for i in range(levels) for p in ("angle", "norm1", "norm2")]
 
 
-def train_loop(loop_config: dict) -> None:
-    """Entry point of every Ray Train worker."""
-    import deepspeed
+def read_checkpoints_safely(engine) -> None:
+    """Make DeepSpeed's torch checkpoint engine read with ``weights_only=True`` only: a file
+    that holds anything but tensors, containers and plain values (or the DeepSpeed classes
+    allowed by name in :func:`_safe_globals`) is refused with a :class:`UserError`, never unpickled."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
+        raise UserError(f"unsupported DeepSpeed checkpoint engine {type(engine.checkpoint_engine).__name__}; "
+                        "pretraining checkpoints use the default torch engine")
+    engine.checkpoint_engine.load = _safe_load
+
+
+def _safe_globals() -> list:
+    """DeepSpeed's own plain-data classes that its ZeRO optimizer files name (checked per version in the tests)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def _safe_load(path: str, map_location=None):
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"refusing to unpickle checkpoint file {path!r}: it holds more than tensors and plain values "
+            f"({first}). It was not written by this pipeline or was tampered with; delete that checkpoint "
+            "(or the run's storage folder) to start the run afresh"
+        ) from None
+
+
+def _resume(engine) -> int:
     import ray.train
-    from safetensors.torch import save_file
 
-    from pipeline.backbone import build_backbone
-    from pipeline.data import train_loader
-    from pipeline.projector import Projector
-    from pipeline.residual import RefBankStore, load_centers
-    from pipeline.stages import centers_url, refbank_url
-    from pipeline.tracking import RunTracker
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return 0
+    with ckpt.as_directory() as d:
+        _, client = engine.load_checkpoint(d, tag=CKPT_TAG)
+    if not client or "step" not in client:
+        raise UserError(f"checkpoint {ckpt.path!r} holds no step: it was not written by this pipeline")
+    return int(client["step"])
 
-    cfg = validate(loop_config["cfg"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = torch.device("cuda", torch.cuda.current_device()) if cfg.train.use_gpu else torch.device("cpu")
-    group = dist.group.WORLD if world > 1 else None
-    torch.manual_seed(cfg.seed)
 
-    backbone = build_backbone(cfg.backbone).to(device)
-    store = RefBankStore(refbank_url(cfg, backbone.id), cfg.refbank.cache_groups)
-    centers, _ = load_centers(centers_url(cfg, backbone.id))
-    centers = [c.to(device) for c in centers]
-    projector = Projector.from_spec(backbone.widths, cfg.projector)
+def build_engine(cfg: Config, projector: torch.nn.Module, world: int):
+    """The projector as a DeepSpeed engine (+ its lr scheduler), with the safe checkpoint reader."""
+    import deepspeed
 
     optimizer = None
     if cfg.train.deepspeed.optimizer == "adam":
@@ -149,74 +193,91 @@ def train_loop(loop_config: dict) -> None:
         config=deepspeed_config(cfg, world),
         dist_init_required=False,
     )
-    start = 0
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            _, client = engine.load_checkpoint(d, tag=CKPT_TAG)
-        start = int(client["step"])
+    read_checkpoints_safely(engine)
+    return engine, scheduler
+
+
+def train_loop(loop_config: dict) -> None:
+    """Entry point of every Ray Train worker."""
+    import ray
+    import ray.train
+
+    from pipeline.backbone import build_backbone
+    from pipeline.bank import WorkerBank
+    from pipeline.collectives import MetricWindow
+    from pipeline.data import train_loader
+    from pipeline.devices import train_device
+    from pipeline.projector import Projector
+    from pipeline.residual import RefBankStore, load_centers
+    from pipeline.stages import centers_url, refbank_url
+    from pipeline.tracking import RunTracker
+
+    cfg = validate(loop_config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = train_device(cfg.train.use_gpu)
+    group = dist.group.WORLD if world > 1 else None
+    log.info("worker rank=%d world=%d node=%s device=%s", rank, world, ray.get_runtime_context().get_node_id(), device)
+    torch.manual_seed(cfg.seed)
+
+    backbone = build_backbone(cfg.backbone).to(device)
+    bank = WorkerBank(RefBankStore(refbank_url(cfg, backbone.id), cache_groups=1), device,
+                      cfg.train.bank_memory_fraction)
+    centers = [c.to(device) for c in load_centers(centers_url(cfg, backbone.id))[0]]
+    projector = Projector.from_spec(backbone.widths, cfg.projector).to(device)
+    engine, scheduler = build_engine(cfg, projector, world)
+    start = _resume(engine)
+    if start:
         log.info("rank %d resumed at step %d", rank, start)
 
     tracker = RunTracker.attach(cfg.tracking, loop_config["run_id"]) if rank == 0 and loop_config.get("run_id") else None
     if tracker is not None and start:
         tracker.log_metrics({"resumed_from_step": start}, step=start)
-    step_math = Step(cfg, backbone, store, centers, group)
-    loader = iter(train_loader(cfg, backbone.mean, backbone.std, backbone.grid, rank, restart=start))
-    skipped = too_small = 0
-    window = {"data": 0.0, "total": 0.0, "n": 0}
+    step_math = Step(cfg, backbone, bank, centers, group)
+    accum = cfg.train.grad_accum
+    loader = iter(train_loader(cfg, backbone.mean, backbone.std, backbone.grid, rank, restart=start,
+                               pin_memory=device.type == "cuda"))
+    window = MetricWindow(["loss", *part_names(len(backbone.widths))], device, group)
+    counts = {"skipped_samples": 0, "defects_too_small": 0}
     for step in range(start, cfg.train.steps):
-        t0 = time.perf_counter()
-        batch = next(loader)
-        t_data = time.perf_counter() - t0
-        k = choose_k(cfg, step)
-        gen = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, step, rank]).integers(2**62)))
-        with torch.no_grad():
-            r1, r2 = step_math.residuals(batch, k, gen, device)
-        total, parts = step_math.loss(engine, r1, r2, batch["mask"])
         lr = scheduler.get_last_lr()[0]  # the rate this step applies
-        engine.backward(total * world)  # the loss is this rank's share; DeepSpeed averages gradients
-        engine.step()  # also steps the lr schedule
-        t_step = time.perf_counter() - t0
-        window["data"] += t_data
-        window["total"] += t_step
-        window["n"] += 1
-
-        skipped += int(batch["skipped"])
-        too_small += int(batch["too_small"])
+        for micro in range(accum):
+            draw = step * accum + micro
+            t0 = time.perf_counter()
+            batch = next(loader)
+            data_s = time.perf_counter() - t0
+            k = choose_k(cfg, draw)
+            total, parts = step_math(engine, batch, k, draw_generator(cfg, draw, rank))
+            engine.backward(total * world)  # the loss is this rank's share; DeepSpeed averages gradients
+            engine.step()  # applies the update (and the lr schedule) after the last micro-batch
+            window.add([total, *parts.values()], data_s)
+            counts["skipped_samples"] += int(batch["skipped"])
+            counts["defects_too_small"] += int(batch["too_small"])
         done = step + 1
-        names = ["loss", *parts]
-        vals = torch.stack([total.detach().float(), *[p.float() for p in parts.values()]]).cpu()
-        vals = _all_reduce_sum(vals, group)
-        metrics = {n: float(v) for n, v in zip(names, vals)}
-        metrics.update(
-            lr=lr,
-            k=k,
-            samples_per_s=cfg.data.batch_size * world * window["n"] / max(window["total"], 1e-9),
-            data_wait_fraction=window["data"] / max(window["total"], 1e-9),
-            skipped_samples=skipped,
-            defects_too_small=too_small,
-            step=done,
-        )
-        if tracker is not None and done % cfg.train.log_every == 0:
-            tracker.log_metrics({k_: v for k_, v in metrics.items() if k_ != "step"}, step=done)
-        if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
-            _checkpoint(engine, projector, metrics, done, tracker, loop_config.get("storage_uri", ""), save_file)
-            window = {"data": 0.0, "total": 0.0, "n": 0}
+        last_of_window = done % cfg.train.log_every == 0
+        checkpoint = done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps
+        if not (last_of_window or checkpoint):
+            continue
+        metrics = window.reduce(cfg.data.batch_size * world)
+        metrics.update(lr=lr, k=k, step=done, **counts)
+        if tracker is not None:
+            tracker.log_metrics({n: v for n, v in metrics.items() if n != "step"}, step=done)
+        if checkpoint:
+            _checkpoint(engine, projector, metrics, done, tracker, loop_config.get("storage_uri", ""))
     if tracker is not None:
         tracker.flush()
 
 
-def _checkpoint(engine, projector, metrics: dict, step: int, tracker, storage_uri: str, save_file) -> None:
+def _checkpoint(engine, projector, metrics: dict, step: int, tracker, storage_uri: str) -> None:
     import ray.train
     from ray.train import Checkpoint
+    from safetensors.torch import save_file
 
     with tempfile.TemporaryDirectory() as d:
         engine.save_checkpoint(d, tag=CKPT_TAG, client_state={"step": step})
         proj_file = os.path.join(d, PROJECTOR_FILE)
-        rank = ray.train.get_context().get_world_rank()
-        if rank == 0:
-            state = {k: v.detach().float().cpu().contiguous() for k, v in projector.state_dict().items()}
-            save_file(state, proj_file)
+        if ray.train.get_context().get_world_rank() == 0:
+            save_file({k: v.detach().float().cpu().contiguous() for k, v in projector.state_dict().items()}, proj_file)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
         if tracker is not None:
             tracker.log_checkpoint(step, storage_uri, proj_file)

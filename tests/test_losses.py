@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from pipeline.losses import adpretrain_loss, angle_loss, norm_loss, reduce_sum
+from pipeline.collectives import sum_
+from pipeline.losses import adpretrain_loss, angle_loss, norm_loss
 
 TAU = 0.15
 
@@ -239,4 +240,4 @@ def test_adpretrain_loss_sums_levels_and_reports_parts():
         torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="one entry per level"):
         adpretrain_loss(f1, f2[:1], ya, yn, mus, TAU, 5)
-    assert torch.equal(reduce_sum(total), total.detach())
+    assert torch.equal(sum_(total.detach().clone(), None), total.detach())

@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pipeline.losses import adpretrain_loss, reduce_sum
+from pipeline.collectives import sum_
+from pipeline.losses import adpretrain_loss
 from pipeline.projector import Projector
 
 WIDTHS = [16, 24]
@@ -82,7 +83,7 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
             proj = make_projector()
             lo = sum(split[:rank])
             res = run_step(proj, batch, lo, lo + split[rank], dist.group.WORLD)
-            res["loss_sum"] = reduce_sum(res["loss"], dist.group.WORLD)
+            res["loss_sum"] = sum_(res["loss"].detach().clone(), dist.group.WORLD)
             results[name] = res
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:

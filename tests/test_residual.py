@@ -6,7 +6,6 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from pipeline.errors import DataError, UserError
 from pipeline.residual import (
@@ -134,36 +133,6 @@ def test_center_accumulator_equals_direct_mean():
         empty = CenterAccumulator(widths)
         empty.add(batches[0][0], [torch.zeros_like(m) for m in batches[0][1]])
         empty.centers()
-
-
-def _gloo_worker(rank: int, world: int, init: str, out: str) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
-        widths = [3, 5]
-        batches = random_batches(0, 4, widths)
-        acc = CenterAccumulator(widths)
-        for res, masks in batches[rank::world]:
-            acc.add(res, masks)
-        acc.all_reduce()
-        save_centers(f"{out}/rank{rank}.safetensors", acc.centers(), "bb", {"rank": rank})
-    finally:
-        dist.destroy_process_group()
-
-
-def test_center_all_reduce_over_two_gloo_processes_equals_one_process(tmp_path):
-    widths = [3, 5]
-    init = f"file://{tmp_path}/init"
-    mp.spawn(_gloo_worker, args=(2, init, str(tmp_path)), nprocs=2, join=True)
-    one = CenterAccumulator(widths)
-    for res, masks in random_batches(0, 4, widths):
-        one.add(res, masks)
-    for rank in range(2):
-        got, meta = load_centers(str(tmp_path / f"rank{rank}.safetensors"))
-        assert meta == {"rank": rank, "backbone_id": "bb"}
-        for g, w in zip(got, one.centers()):
-            torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("where", ["local", "memory"])

@@ -17,6 +17,7 @@ pytest_plugins = ["pipeline_fixtures"]
 
 def test_the_step_overfits_a_fixed_batch(prepared, tmp_path):
     from pipeline.backbone import build_backbone
+    from pipeline.bank import WorkerBank
     from pipeline.data import MixedBatches, StreamPlan
     from pipeline.projector import Projector
     from pipeline.residual import RefBankStore, load_centers
@@ -27,11 +28,11 @@ def test_the_step_overfits_a_fixed_batch(prepared, tmp_path):
     backbone = build_backbone(cfg.backbone)
     store = RefBankStore(refbank_url(cfg, backbone.id))
     centers, _ = load_centers(centers_url(cfg, backbone.id))
-    step = Step(cfg, backbone, store, centers)
+    step = Step(cfg, backbone, WorkerBank(store, torch.device("cpu")), centers)
     batch = next(iter(MixedBatches(StreamPlan.from_config(cfg), cfg, backbone.mean, backbone.std, backbone.grid, 0)))
     assert int(batch["label"].sum()) == 1
     with torch.no_grad():
-        r1, r2 = step.residuals(batch, 2, torch.Generator().manual_seed(0), "cpu")
+        r1, r2 = step.residuals(batch, 2, torch.Generator().manual_seed(0))
     assert [r.shape for r in r1] == [(4, w, backbone.grid, backbone.grid) for w in backbone.widths]
     assert not torch.equal(r1[0], r2[0])  # two photometric views
 

@@ -1,0 +1,72 @@
+"""The reference bank of a training worker, resident where the step computes.
+
+Every (source, class, view) group of the stored bank (:class:`pipeline.residual.RefBankStore`)
+is loaded once into one fp16 tensor per level, ``(G, M, h*w, C)``. On a CUDA worker it lives
+on the device when it fits in ``train.bank_memory_fraction`` of the free device memory, so a
+step's references are gathered on the device and no reference byte crosses the host link;
+otherwise it stays in pinned host memory, the step's references are gathered there and sent
+with one non-blocking copy per level. Only the indices of the drawn images (B x (1 + K)
+integers) travel to the device each step.
+
+The draw is the store's (:func:`pipeline.residual.pick_references`, the same generator calls),
+so a CPU run draws exactly the references it drew from the store.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from pipeline.devices import to_device
+from pipeline.errors import UserError
+from pipeline.residual import RefBankStore, pick_references
+
+log = logging.getLogger(__name__)
+
+
+def _fits_on_device(nbytes: int, device: torch.device, fraction: float) -> bool:
+    free, _total = torch.cuda.mem_get_info(device)
+    return nbytes <= fraction * free
+
+
+class WorkerBank:
+    """Every group's references per level as ``(G, M, h*w, C)`` fp16, on ``device`` or pinned host memory."""
+
+    def __init__(self, store: RefBankStore, device: torch.device, memory_fraction: float = 0.5) -> None:
+        self.device = device
+        self.groups = store.groups()
+        self.index = {g: i for i, g in enumerate(self.groups)}
+        groups = store.manifest()["groups"]
+        self.keys = [groups[g]["image_keys"] for g in self.groups]
+        self.where = f"the bank at {store.url!r}"
+        levels = [store.load(g) for g in self.groups]  # per group: per level (M, C, h, w) fp16
+        feats = [torch.stack([lv[i] for lv in levels]) for i in range(len(levels[0]))]  # (G, M, C, h, w)
+        feats = [f.permute(0, 1, 3, 4, 2).flatten(2, 3).contiguous() for f in feats]  # (G, M, h*w, C)
+        self.nbytes = sum(f.numel() * f.element_size() for f in feats)
+        self.on_device = device.type == "cpu" or _fits_on_device(self.nbytes, device, memory_fraction)
+        self.feats = [f.to(device) if self.on_device else f.pin_memory() for f in feats]
+        log.info("reference bank: %d groups, %.1f MiB fp16, kept %s", len(self.groups), self.nbytes / 2**20,
+                 f"on {device}" if self.on_device else f"in pinned host memory (more than {memory_fraction:.0%} "
+                 f"of the free memory of {device})")
+
+    def draw(self, groups: list[str], keys: list[str], k: int, gen: torch.Generator) -> list[Tensor]:
+        """Per level a ``(B, k*h*w, C)`` float32 bank on the device: ``k`` images of each
+        sample's group, never the sample itself."""
+        try:
+            gi = torch.tensor([self.index[g] for g in groups], dtype=torch.long)
+        except KeyError as e:
+            raise UserError(f"group {e.args[0]!r} is not in {self.where}; rebuild the bank for the current "
+                            "shards (`adpretrain refbank CONFIG`)") from None
+        picks = torch.stack([pick_references(self.keys[i], k, gen, key, f"group {g!r} of {self.where}")
+                             for i, g, key in zip(gi.tolist(), groups, keys)])  # (B, k) on the host
+        if self.on_device:
+            gi, picks = to_device(gi, self.device), to_device(picks, self.device)
+        out = []
+        for f in self.feats:
+            refs = f[gi[:, None], picks].reshape(len(groups), -1, f.shape[-1])  # gathered where the bank lives
+            if not self.on_device:
+                refs = to_device(refs, self.device)
+            out.append(refs.float())
+        return out
