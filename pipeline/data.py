@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -99,12 +99,15 @@ def check_shard_sizes(manifest: dict, base_url: str, urls: list[str]) -> None:
 
 def iter_decoded(urls: list[str], size: int, *, seed: int | None = None, shuffle: int = 0,
                  stats: dict | None = None, want: Callable[[str, dict], bool] | None = None,
-                 strict: bool = False) -> Iterator[Decoded]:
+                 strict: bool = False, expect: dict[str, int] | None = None) -> Iterator[Decoded]:
     """Decoded samples of ``urls``: resampled endlessly when ``seed`` is given, else each shard
     once in order. Corrupt samples and unreadable shards are skipped with a warning and counted
     in ``stats`` (``skipped``, and ``decoded`` for the samples yielded); with ``strict`` the first
     one is a DataError naming the shard instead.
-    ``want(key, meta)``, when given, is asked before decoding: samples it declines are not decoded."""
+    ``want(key, meta)``, when given, is asked before decoding: samples it declines are not decoded.
+    ``expect``: the number of samples of each shard (the manifest's ``count``), checked when the
+    shards have been read once: a shard that ends early (a corrupt tar header ends it without an
+    error) is a DataError naming it."""
     if not urls:
         raise DataError("no shards to read: the selection of the manifest is empty")
     if seed is None:
@@ -114,8 +117,10 @@ def iter_decoded(urls: list[str], size: int, *, seed: int | None = None, shuffle
     stages.append(wds.tarfile_to_samples(handler=wds.reraise_exception if strict else _warn_and_count(stats)))
     if shuffle > 1:
         stages.append(wds.shuffle(shuffle, initial=min(shuffle, 100), rng=random.Random(seed)))
+    seen: Counter[str] = Counter()
     try:
         for sample in wds.DataPipeline(*stages):
+            seen[sample.get("__url__")] += 1
             try:
                 if want is not None and not want(sample["__key__"], json.loads(sample["json"])):
                     continue
@@ -135,6 +140,9 @@ def iter_decoded(urls: list[str], size: int, *, seed: int | None = None, shuffle
             raise
         url = next((a for a in reversed(e.args) if isinstance(a, str) and a in urls), None)
         raise _unreadable(url, f"{type(e).__name__}: {e.args[0] if e.args else e}") from None
+    for url, n in (expect or {}).items():
+        if seen[url] != n:
+            raise _unreadable(url, f"{seen[url]} samples read, the manifest says {n}")
 
 
 def _unreadable(url: str | None, what: str) -> DataError:

@@ -79,8 +79,8 @@ def _rank_key(seed: int, key: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big")
 
 
-def _pretrain_normal_urls(cfg: Config, manifest: dict) -> list[str]:
-    """The normal pretraining shards, checked against the manifest's sizes."""
+def _pretrain_normal_shards(cfg: Config, manifest: dict) -> dict[str, int]:
+    """URL -> sample count of the normal pretraining shards, checked against the manifest's sizes."""
     from pipeline.data import check_shard_sizes
     from shards.build import shard_urls
 
@@ -89,7 +89,8 @@ def _pretrain_normal_urls(cfg: Config, manifest: dict) -> list[str]:
     if not urls:
         raise DataError(f"no normal pretraining shards under {cfg.shards.url}: run `adpretrain build-shards` first")
     check_shard_sizes(manifest, cfg.shards.url, urls)
-    return urls
+    counts = {storage.join(cfg.shards.url, s["path"]): s["count"] for s in manifest["shards"]}
+    return {u: counts[u] for u in urls}
 
 
 def _encode(backbone, images: list[torch.Tensor], batch: int = BATCH) -> list[torch.Tensor]:
@@ -116,7 +117,7 @@ def build_refbank(cfg: Config, progress: bool = False, backbone=None) -> str:
     if store.exists():
         log.info("reference bank exists at %s: skipped", url)
         return url
-    urls = _pretrain_normal_urls(cfg, read_manifest(cfg.shards.url))
+    shards = _pretrain_normal_shards(cfg, read_manifest(cfg.shards.url))
     m, seed = cfg.refbank.per_group, cfg.refbank.seed
     chosen: dict[str, list[tuple[int, str, torch.Tensor]]] = defaultdict(list)
 
@@ -124,7 +125,7 @@ def build_refbank(cfg: Config, progress: bool = False, backbone=None) -> str:
         g = chosen[group_of(meta)]
         return len(g) < m or _rank_key(seed, key) < g[-1][0]
 
-    for d in tqdm(iter_decoded(urls, cfg.backbone.image_size, want=want, strict=True),
+    for d in tqdm(iter_decoded(list(shards), cfg.backbone.image_size, want=want, strict=True, expect=shards),
                   desc="refbank: scan", unit="img", disable=not progress):
         g = chosen[group_of(d.meta)]
         g.append((_rank_key(seed, d.key), d.key, d.image))
@@ -188,9 +189,10 @@ class _Candidate:
     counts: np.ndarray | None = None
 
 
-def _centers_task(cfg_dict: dict, urls: list[str], quotas: dict[str, int], bank_url: str) -> dict[str, list]:
-    """Per group, the ``quotas[group]`` images of ``urls`` with the smallest rank and the float64 sum
-    and count of their normal residuals per level: ``[(rank, key, sums, counts)]`` (one Ray task)."""
+def _centers_task(cfg_dict: dict, shards: dict[str, int], quotas: dict[str, int], bank_url: str) -> dict[str, list]:
+    """Per group, the ``quotas[group]`` images of ``shards`` (URL -> sample count) with the smallest
+    rank and the float64 sum and count of their normal residuals per level: ``[(rank, key, sums,
+    counts)]`` (one Ray task)."""
     from pipeline.backbone import build_backbone
     from pipeline.config import validate
     from pipeline.data import group_of, iter_decoded
@@ -230,7 +232,7 @@ def _centers_task(cfg_dict: dict, urls: list[str], quotas: dict[str, int], bank_
             acc.add([r[i : i + 1] for r in res], [normal] * len(res))
             c.sums, c.counts, c.image = [s.numpy() for s in acc.sums], acc.counts.numpy(), None
 
-    for d in iter_decoded(urls, cfg.backbone.image_size, want=want, strict=True):
+    for d in iter_decoded(list(shards), cfg.backbone.image_size, want=want, strict=True, expect=shards):
         c = _Candidate(rank(d.key), d.key, group_of(d.meta), d.image)
         g = chosen[c.group]
         g.append(c)
@@ -261,7 +263,8 @@ def compute_centers(cfg: Config, progress: bool = False, backbone=None, tasks: i
         return url
     bank = build_refbank(cfg, progress=progress, backbone=backbone)
     manifest = read_manifest(cfg.shards.url)
-    urls = _pretrain_normal_urls(cfg, manifest)
+    shards = _pretrain_normal_shards(cfg, manifest)
+    urls = list(shards)
     quotas = centers_quotas(cfg, manifest)
     init_ray(cfg.ray)
     gpus = 1 if cfg.train.use_gpu else 0
@@ -271,7 +274,7 @@ def compute_centers(cfg: Config, progress: bool = False, backbone=None, tasks: i
                         "start the Ray nodes with GPUs (`ray start --num-gpus N`) or set train.use_gpu=false")
     n_tasks = max(1, min(len(urls), tasks or slots))
     task = ray.remote(num_cpus=1, num_gpus=gpus)(_centers_task)
-    refs = [task.remote(cfg.to_dict(), urls[i::n_tasks], quotas, bank) for i in range(n_tasks)]
+    refs = [task.remote(cfg.to_dict(), {u: shards[u] for u in urls[i::n_tasks]}, quotas, bank) for i in range(n_tasks)]
     best: dict[str, list] = defaultdict(list)
     try:
         for part in tqdm((ray.get(r) for r in refs), total=len(refs), desc="centers", disable=not progress):

@@ -232,6 +232,16 @@ def test_strict_reading_fails_on_the_first_unreadable_shard_or_sample(tmp_path):
     assert [d.key for d in iter_decoded([mixed], SIZE, strict=True, want=lambda k, m: k.startswith("good"))] == [
         "good-0", "good-1"]
     assert len(list(iter_decoded([good], SIZE, strict=True))) == 3
+    # a corrupt tar header ends the shard without an error: only the manifest's count tells
+    whole = write_tar(tmp_path / "header.tar", [m for i in range(4) for m in sample(f"h-{i}", "a")])
+    with tarfile.open(whole) as tar:
+        third = tar.getmembers()[4].offset
+    data = bytearray(Path(whole).read_bytes())
+    data[third : third + 100] = b"x" * 100
+    Path(whole).write_bytes(bytes(data))
+    assert [d.key for d in iter_decoded([whole], SIZE, strict=True)] == ["h-0", "h-1"]
+    with pytest.raises(DataError, match=rf"shard {whole} cannot be read \(2 samples read, the manifest says 4\)"):
+        list(iter_decoded([good, whole], SIZE, strict=True, expect={good: 3, whole: 4}))
 
 
 def test_shard_sizes_are_checked_against_the_manifest_with_one_listing_per_folder(tmp_path, monkeypatch):

@@ -105,7 +105,7 @@ def float64_centers(cfg: Config, backbone, sample: dict[str, list[str]], bank_ur
     with the references the stage draws for each image."""
     from pipeline.data import iter_decoded
     from pipeline.residual import RefBankStore
-    from pipeline.stages import _pretrain_normal_urls, _rank_key
+    from pipeline.stages import _pretrain_normal_shards, _rank_key
     from pipeline.transforms import normalize
     from shards.build import read_manifest
 
@@ -113,7 +113,7 @@ def float64_centers(cfg: Config, backbone, sample: dict[str, list[str]], bank_ur
     group = {k: g for g, keys in sample.items() for k in keys}
     sums = [torch.zeros(c, dtype=torch.float64) for c in backbone.widths]
     n = 0
-    for d in iter_decoded(_pretrain_normal_urls(cfg, read_manifest(cfg.shards.url)), SIZE):
+    for d in iter_decoded(list(_pretrain_normal_shards(cfg, read_manifest(cfg.shards.url))), SIZE):
         if d.key not in group:
             continue
         feats = backbone(normalize(d.image, backbone.mean, backbone.std)[None])
@@ -220,19 +220,27 @@ def test_a_shard_of_another_size_than_the_manifest_stops_the_stages(built, backb
 
 
 @pytest.mark.parametrize("stage", ["build_refbank", "compute_centers"])
-def test_a_corrupt_shard_of_the_right_size_stops_the_stages(built, backbone, stage):
+@pytest.mark.parametrize("damage", ["content", "header"])
+def test_a_corrupt_shard_of_the_right_size_stops_the_stages(built, backbone, stage, damage):
     import pipeline.stages as stages
 
     cfg = built
     if stage == "compute_centers":
         stages.build_refbank(cfg, backbone=backbone)
     shard = first_shard(cfg, "b")  # b/c0: every image is in the bank and in the centers' sample
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
     data = bytearray(shard.read_bytes())
-    data[512 : 512 + 256] = bytes(256)  # the first member's content
+    if damage == "content":
+        data[members[0].offset_data : members[0].offset_data + 256] = bytes(256)
+    else:  # the tar header of the second sample: the reader ends the shard there, without an error
+        data[members[2].offset : members[2].offset + 100] = b"x" * 100
     shard.write_bytes(bytes(data))
     with pytest.raises(DataError) as e:
         getattr(stages, stage)(cfg, backbone=backbone)
     assert f"shard {shard} cannot be read" in str(e.value) and "adpretrain build-shards" in str(e.value)
+    if damage == "header":
+        assert "1 samples read, the manifest says 3" in str(e.value)
     assert not list((Path(cfg.shards.url) / "centers").glob("*.safetensors"))  # nothing half-written
 
 
