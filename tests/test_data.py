@@ -442,7 +442,7 @@ def test_deepspeed_config_sections(tmp_path):
     assert bf16["zero_optimization"] == {"stage": 2} and bf16["gradient_clipping"] == 0.5
     assert bf16["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and "bf16" not in bf16
     fp16 = ds(precision="fp16")
-    assert fp16["fp16"]["enabled"] and fp16["fp16"]["loss_scale"] == 0  # dynamic loss scaling
+    assert fp16["torch_autocast"] == {"enabled": True, "dtype": "float16"} and "fp16" not in fp16  # no model cast
     lamb = ds(optimizer="lamb")
     assert lamb["optimizer"]["type"] == "Lamb" and lamb["optimizer"]["params"]["lr"] == 1e-4
     assert "optimizer" not in bf16  # Adam is the client's torch optimizer
