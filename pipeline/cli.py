@@ -2,7 +2,9 @@
 
 Every config-driven subcommand takes ``CONFIG [key.sub=value ...]``; the config is
 validated before any work starts. Errors a user can cause end in one message on
-stderr and exit code 2, without a traceback.
+stderr and exit code 2, without a traceback (credentials in URLs masked). SIGINT and
+SIGTERM end a command in order: one message, exit code 128 + the signal's number, and
+the local Ray it started shut down, as on every other way out.
 """
 
 from __future__ import annotations
@@ -10,11 +12,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from typing import Callable
 
 from pipeline.config import ConfigError, load_config
 from pipeline.errors import UserError
+from pipeline.rayctx import shutdown_local_ray
+from shards.storage import mask_secrets
 
 log = logging.getLogger("adpretrain")
 
@@ -140,6 +145,20 @@ def use_interpreter_tools() -> None:
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM, raised in the main thread where the command is."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum: int, frame) -> None:
+    for s in (signal.SIGINT, signal.SIGTERM):  # one orderly shutdown: a repeated Ctrl-C cannot cut it short
+        signal.signal(s, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -147,14 +166,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
+    previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         return int(args.func(args) or 0)
     except (ConfigError, UserError) as e:
-        print(f"adpretrain {args.command}: error: {e}", file=sys.stderr)
+        print(f"adpretrain {args.command}: error: {mask_secrets(str(e))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"adpretrain {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"adpretrain {args.command}: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
+        return 128 + signum
+    finally:
+        shutdown_local_ray()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,21 @@
-"""Joining a Ray cluster, or starting a local one, the same way for every stage."""
+"""Joining a Ray cluster, or starting a local one, the same way for every stage; and stopping
+the local one, with every process it started, whatever way the stage ends."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import threading
 
 from pipeline.config import RayInit
 from pipeline.errors import UserError
+from shards.storage import mask_secrets
 
 log = logging.getLogger(__name__)
+
+_started_local = False  # this process started the local Ray it is connected to
 
 
 def init_ray(spec: RayInit) -> None:
@@ -19,23 +26,60 @@ def init_ray(spec: RayInit) -> None:
     (working directory, `--runtime-env-json` variables such as AWS_ENDPOINT_URL); nothing here
     overrides it. A local Ray on a dev box runs without token auth (RAY_AUTH_MODE=disabled)
     unless the environment says otherwise, so a later `ray start` + `ray job submit` keeps working.
+    ``ray.init`` replaces the SIGTERM handler with one that exits; a handler of the caller's own
+    (the CLI's orderly interruption) is put back.
     """
     import ray
 
+    global _started_local
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = spec.address or os.environ.get("RAY_ADDRESS")
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     if address:
         try:
             ray.init(address=address, log_to_driver=True)
         except (ConnectionError, RuntimeError) as e:
-            raise UserError(
+            raise UserError(mask_secrets(
                 f"cannot join the Ray cluster at {address!r}: {e}. Start it (`ray start --head`) "
                 "or unset RAY_ADDRESS / ray.address to run on a local Ray."
-            ) from None
-        log.info("joined Ray cluster at %s", address)
+            )) from None
+        log.info("joined Ray cluster at %s", mask_secrets(address))
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        _started_local = True  # before the start: an interrupted start is shut down as well
         ray.init(num_cpus=spec.num_cpus, include_dashboard=False)
         log.info("started a local Ray (%s CPUs)", ray.cluster_resources().get("CPU"))
+    if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def shutdown_local_ray(timeout: float = 10.0) -> None:
+    """Stop the local Ray this process started, and every process it spawned; nothing when
+    this process joined a cluster (or started no Ray).
+
+    SIGINT and SIGTERM are ignored meanwhile, so that a second Ctrl-C cannot cut the shutdown
+    short. What ``ray.shutdown`` does not stop within ``timeout`` seconds is killed: the agents
+    of a start-up that was interrupted are unknown to Ray.
+    """
+    global _started_local
+    if not _started_local:
+        return
+    import psutil
+    import ray
+
+    main = threading.current_thread() is threading.main_thread()
+    held = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        spawned = psutil.Process().children(recursive=True)
+        ray.shutdown()
+        _, alive = psutil.wait_procs(spawned, timeout=timeout)
+        for p in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                log.warning("killing %s (pid %d), left running after the Ray shutdown", p.name(), p.pid)
+                p.kill()
+        _started_local = False
+    finally:
+        for s, handler in held.items():
+            signal.signal(s, handler)
