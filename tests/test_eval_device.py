@@ -203,7 +203,7 @@ def test_ray_tasks_are_planned_with_the_gpu_fraction(tmp_path, monkeypatch):
     monkeypatch.setattr(ray, "put", lambda x: x)
     cfg = _config(tmp_path, gpus_per_task=0.5)
     with pytest.raises(Planned):
-        jobs._run_ray(cfg, None, [(None, ["shard-0.tar"], [])], 64, progress=False)
+        jobs._run_ray(cfg, None, [(None, [("shard-0.tar", 8)], [])], 64, progress=False)
     assert asked["features_task"] == {"num_returns": len(cfg.eval.kinds) + 1, "num_cpus": 1, "num_gpus": 0.5}
     assert asked["cell_task"] == {"num_cpus": 1, "num_gpus": 0.5}
     assert asked["decode_shard"] == {"num_cpus": 1}
@@ -299,12 +299,12 @@ def test_features_and_methods_on_the_device_equal_the_cpu(export, fake_cuda, mon
 @pytest.mark.parametrize("device, expected", [("auto", CUDA5), ("cuda", CUDA5), ("cpu", devices.CPU)])
 def test_in_process_evaluation_computes_on_the_resolved_device(tmp_path, fake_cuda, monkeypatch, device, expected):
     got = []
-    monkeypatch.setattr(jobs, "decode_shard", lambda url, size: url)
+    monkeypatch.setattr(jobs, "decode_shard", lambda url, count, size: url)
     monkeypatch.setattr(jobs, "class_features",
                         lambda blob, plan, kinds, device, *shards: (got.append(device), ("fit", "test"), "info")[1:])
     monkeypatch.setattr(jobs, "run_cell", lambda method, kind, spec, feats, info, device: got.append(device))
     cfg = _config(tmp_path, device=device, kinds=["raw"], methods=["featurenorm", "padim"])
-    infos, _ = jobs._run_sequential(cfg, None, [(None, ["shard-0.tar"], ["plan"])], 64, progress=False)
+    infos, _ = jobs._run_sequential(cfg, None, [(None, [("shard-0.tar", 8)], ["plan"])], 64, progress=False)
     assert infos == ["info"]
     assert got == [devices.resolve(device)] * 3 == [expected] * 3
 

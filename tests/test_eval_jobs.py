@@ -246,3 +246,54 @@ def test_user_errors(setup):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, out.stderr
     assert "is not an exported projector folder" in out.stderr.splitlines()[-1]
+
+
+def test_unreadable_shards_stop_the_evaluation(setup, tmp_path):
+    """A shard cut short or corrupt stops the evaluation with a DataError naming it: before any
+    task when its size differs from the manifest's, in the task that decodes it otherwise
+    (even when the tar reader alone would see a shorter, valid-looking shard)."""
+    import tarfile
+
+    from pipeline.evaluate.jobs import decode_shard
+    from shards.build import read_manifest
+
+    url = str(tmp_path / "shards")
+    shutil.copytree(setup.cfg.shards.url, url)
+    cfg = load_config({**setup.raw, "shards": {**setup.raw["shards"], "url": url}})
+    entry = next(e for e in read_manifest(url)["shards"] if e["source"] == "heldout" and e["count"] > 2)
+    path = os.path.join(url, entry["path"])
+    with open(path, "rb") as f:
+        intact = f.read()
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    image = next(m for m in members if m.name.endswith(".png") and "mask" not in m.name)
+    last = next(m for m in members if m.name.startswith(members[-1].name.split(".")[0] + "."))
+
+    def write(data: bytes) -> None:
+        with open(path, "wb") as f:
+            f.write(data)
+
+    def refused(match: str, **kw) -> None:
+        with pytest.raises(DataError, match=match) as e:
+            evaluate(cfg, sources=["heldout"], progress=False, **kw)
+        assert path in str(e.value) and "adpretrain build-shards" in str(e.value)
+
+    # cut at a member boundary: a shorter tar that reads without error
+    write(intact[: last.offset])
+    refused("differ from the manifest", parallel=False)
+    with pytest.raises(DataError, match=f"shard {path} holds {entry['count'] - 1} readable samples but the "
+                                        f"manifest lists {entry['count']}"):
+        decode_shard(path, entry["count"], 112)
+    # cut inside a member
+    write(intact[: image.offset_data + image.size // 2])
+    refused("differ from the manifest", parallel=True)
+    with pytest.raises(DataError, match=f"shard {path} cannot be read"):
+        decode_shard(path, entry["count"], 112)
+    # the same size, one image's bytes overwritten: found by the Ray task that decodes it
+    write(intact[: image.offset_data + 16] + b"\0" * (image.size - 32) + intact[image.offset_data + image.size - 16:])
+    refused(f"shard {path} cannot be read", parallel=True)
+    # the same size, a member header overwritten: the tar reader stops there without an error
+    write(intact[: last.offset] + b"\xff" * 512 + intact[last.offset + 512:])
+    refused(f"shard {path} holds {entry['count'] - 1} readable samples", parallel=False)
+    write(intact)
+    assert len(decode_shard(path, entry["count"], 112).keys) == entry["count"]

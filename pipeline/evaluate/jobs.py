@@ -2,7 +2,9 @@
 
 For every ``split: eval`` and ``split: val`` source and each of its classes:
 
-1. its shards are decoded once (one task per shard);
+1. its shards are checked against the manifest (sizes, before any task starts) and decoded
+   once, whole (one task per shard): a shard that cannot be read whole is an error, never
+   a class evaluated on part of its images;
 2. a fixed, seeded K-shot reference set is drawn from the class's normal training images
    (the K with the smallest seeded hash of their key: independent of shard order), the
    other normal training images are the fit set, the test images are the rest (capped by
@@ -168,15 +170,18 @@ class ShardImages:
     masks: np.ndarray  # (n, S, S) bool
 
 
-def decode_shard(url: str, size: int) -> ShardImages:
-    """Decode every sample of one shard at ``size`` (corrupt samples are skipped with a warning).
+def decode_shard(url: str, count: int, size: int) -> ShardImages:
+    """Decode every sample of one shard at ``size``; the manifest gives it ``count`` samples.
 
-    Images are kept as 8-bit values of the resized image, a quarter of the memory of float32."""
+    A shard that cannot be read whole (a corrupt sample, a broken tar, fewer samples than
+    the manifest's) is a DataError naming it: a class is never evaluated on part of its
+    images. Images are kept as 8-bit values of the resized image, a quarter of the memory
+    of float32."""
     from pipeline.data import iter_decoded
 
     keys, classes, splits, labels, has_mask, images, masks = [], [], [], [], [], [], []
     with one_thread():
-        for d in iter_decoded([url], size):
+        for d in iter_decoded([url], size, strict=True):
             keys.append(d.key)
             classes.append(str(d.meta["class"]))
             splits.append(str(d.meta["split"]))
@@ -184,6 +189,9 @@ def decode_shard(url: str, size: int) -> ShardImages:
             has_mask.append(bool(d.meta.get("has_mask", False)))
             images.append(d.image.mul(255.0).round_().to(torch.uint8).numpy())
             masks.append(d.mask.numpy())
+    if len(keys) != count:
+        raise DataError(f"shard {url} holds {len(keys)} readable samples but the manifest lists {count}: it is "
+                        "truncated or corrupt. Delete it and rerun `adpretrain build-shards CONFIG` to rewrite it")
     return ShardImages(
         keys, classes, splits, np.asarray(labels, dtype=np.int8), np.asarray(has_mask, dtype=bool),
         np.stack(images) if images else np.zeros((0, 3, size, size), np.uint8),
@@ -464,8 +472,12 @@ def _class_plans(cfg: Config, src: SourceSpec, manifest: dict) -> list[ClassPlan
             for cls in sorted(entry["classes"])]
 
 
-def _run_sequential(cfg: Config, blob: ExportBlob, work: list[tuple[SourceSpec, list[str], list[ClassPlan]]],
-                    size: int, progress: bool) -> tuple[list[ClassInfo], list[Cell]]:
+Work = list[tuple[SourceSpec, list[tuple[str, int]], list[ClassPlan]]]
+"""Per source: its shards (URL, samples the manifest lists) and its classes."""
+
+
+def _run_sequential(cfg: Config, blob: ExportBlob, work: Work, size: int,
+                    progress: bool) -> tuple[list[ClassInfo], list[Cell]]:
     from tqdm import tqdm
 
     device = devices.resolve(cfg.eval.device)
@@ -474,8 +486,8 @@ def _run_sequential(cfg: Config, blob: ExportBlob, work: list[tuple[SourceSpec, 
     kinds, methods = list(cfg.eval.kinds), list(cfg.eval.methods)
     total = sum(len(p) for _, _, p in work) * len(kinds) * len(methods)
     with tqdm(total=total, desc="evaluate", unit="job", disable=not progress) as bar:
-        for _, urls, plans in work:
-            shards = [decode_shard(u, size) for u in urls]
+        for _, shards_of, plans in work:
+            shards = [decode_shard(u, n, size) for u, n in shards_of]
             for plan in plans:
                 *per_kind, info = class_features(blob, plan, kinds, device, *shards)
                 infos.append(info)
@@ -508,8 +520,8 @@ def cell_task(use_gpu: bool, method: str, kind: str, spec: EvalSpec,
     return run_cell(method, kind, spec, feats, info, devices.task_device(use_gpu))
 
 
-def _run_ray(cfg: Config, blob: ExportBlob, work: list[tuple[SourceSpec, list[str], list[ClassPlan]]],
-             size: int, progress: bool) -> tuple[list[ClassInfo], list[Cell]]:
+def _run_ray(cfg: Config, blob: ExportBlob, work: Work, size: int,
+             progress: bool) -> tuple[list[ClassInfo], list[Cell]]:
     import ray
     from tqdm import tqdm
 
@@ -524,8 +536,8 @@ def _run_ray(cfg: Config, blob: ExportBlob, work: list[tuple[SourceSpec, list[st
     cell = ray.remote(**resources)(cell_task)
     blob_ref, spec_ref = ray.put(blob), ray.put(cfg.eval)
     info_refs, cell_refs = [], []
-    for _, urls, plans in work:
-        shard_refs = [decode.remote(u, size) for u in urls]
+    for _, shards_of, plans in work:
+        shard_refs = [decode.remote(u, n, size) for u, n in shards_of]
         for plan in plans:
             *kind_refs, info_ref = features.remote(use_gpu, blob_ref, plan, kinds, *shard_refs)
             info_refs.append(info_ref)
@@ -754,9 +766,11 @@ def evaluate(cfg: Config, model: str | None = None, checkpoint: str | None = Non
     alias of a registered version (computed on val sources only). ``parallel``: Ray tasks,
     else the same computation in-process.
     """
+    from pipeline.data import check_shard_sizes
     from pipeline.export import read_spec
     from pipeline.launcher import run_dir
     from pipeline.tracking import ensure_store, select_champion
+    from shards import storage
     from shards.build import read_manifest, shard_urls
 
     if not cfg.eval.methods or not cfg.eval.kinds:
@@ -779,13 +793,15 @@ def evaluate(cfg: Config, model: str | None = None, checkpoint: str | None = Non
                     "a pretrained backbone")
     blob = ExportBlob.read(ref.folder)
     manifest = read_manifest(cfg.shards.url)
+    counts = {storage.join(cfg.shards.url, e["path"]): e["count"] for e in manifest["shards"]}
     work = []
     for s in srcs:
         plans = _class_plans(cfg, s, manifest)
         urls = shard_urls(manifest, cfg.shards.url, source=s.name, split=s.split)
         if not urls or not plans:
             raise DataError(f"source {s.name!r} has no shards or no classes in {cfg.shards.url!r}; rebuild the shards")
-        work.append((s, urls, plans))
+        work.append((s, [(u, counts[u]) for u in urls], plans))
+    check_shard_sizes(manifest, cfg.shards.url, [u for _, shards_of, _ in work for u, _ in shards_of])
     ensure_store(cfg.tracking)
 
     start = time.perf_counter()
