@@ -41,6 +41,10 @@ class WorkerBank:
         groups = store.manifest()["groups"]
         self.keys = [groups[g]["image_keys"] for g in self.groups]
         self.where = f"the bank at {store.url!r}"
+        sizes = {len(k) for k in self.keys}
+        if len(sizes) != 1:
+            raise UserError(f"{self.where} holds groups of different sizes {sorted(sizes)}; "
+                            "rebuild it (`adpretrain refbank CONFIG`)")
         levels = [store.load(g) for g in self.groups]  # per group: per level (M, C, h, w) fp16
         feats = [torch.stack([lv[i] for lv in levels]) for i in range(len(levels[0]))]  # (G, M, C, h, w)
         feats = [f.permute(0, 1, 3, 4, 2).flatten(2, 3).contiguous() for f in feats]  # (G, M, h*w, C)
@@ -54,13 +58,14 @@ class WorkerBank:
     def draw(self, groups: list[str], keys: list[str], k: int, gen: torch.Generator) -> list[Tensor]:
         """Per level a ``(B, k*h*w, C)`` float32 bank on the device: ``k`` images of each
         sample's group, never the sample itself."""
-        try:
-            gi = torch.tensor([self.index[g] for g in groups], dtype=torch.long)
-        except KeyError as e:
-            raise UserError(f"group {e.args[0]!r} is not in {self.where}; rebuild the bank for the current "
-                            "shards (`adpretrain refbank CONFIG`)") from None
+        missing = sorted(set(groups) - self.index.keys())
+        if missing:
+            raise UserError(f"groups {missing} are not in {self.where}; rebuild the bank for the current "
+                            "shards (`adpretrain refbank CONFIG`)")
+        index = [self.index[g] for g in groups]
+        gi = torch.tensor(index, dtype=torch.long)
         picks = torch.stack([pick_references(self.keys[i], k, gen, key, f"group {g!r} of {self.where}")
-                             for i, g, key in zip(gi.tolist(), groups, keys)])  # (B, k) on the host
+                             for i, g, key in zip(index, groups, keys)])  # (B, k) on the host
         if self.on_device:
             gi, picks = to_device(gi, self.device), to_device(picks, self.device)
         out = []

@@ -37,7 +37,7 @@ class PretrainResult:
             f"pretraining finished: {self.steps} steps" + (f", final loss {loss:.4f}" if loss is not None else ""),
             f"  checkpoint      {self.checkpoint}",
             f"  exported model  {self.export_dir}",
-            f"  MLflow run      {self.run_id} ({self.tracking_uri})",
+            f"  MLflow run      {self.run_id} ({storage.mask_secrets(self.tracking_uri)})",
             f"  registered      models:/{self.model_name}/{self.model_version}",
         ])
 
@@ -59,25 +59,40 @@ def run_dir(cfg: Config) -> str:
     return os.path.abspath(os.path.join(cfg.workdir, cfg.name))
 
 
+def _check_gpus(cfg: Config) -> None:
+    """Before any work: a local Ray needs CUDA on this machine; a cluster needs a GPU per worker
+    (its driver may run on a node without one)."""
+    import ray
+
+    from pipeline.devices import require_cuda
+    from pipeline.rayctx import init_ray
+
+    if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+        require_cuda(True, "train.use_gpu")
+        return
+    init_ray(cfg.ray)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if gpus < cfg.train.num_workers:
+        raise UserError(f"train.use_gpu with train.num_workers={cfg.train.num_workers} needs that many GPUs, but the "
+                        f"Ray cluster has {gpus:g}; add GPU nodes or lower train.num_workers")
+
+
 def pretrain(cfg: Config, parent_run_id: str | None = None) -> PretrainResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from safetensors.torch import load_file
 
     from pipeline.backbone import build_backbone
-    from pipeline.export import save_export
+    from pipeline.export import PROJECTOR_FILE, save_export
     from pipeline.rayctx import init_ray
     from pipeline.residual import load_centers
     from pipeline.stages import centers_url, compute_centers
     from pipeline.tracking import RunTracker, ensure_store
-    from pipeline.train import PROJECTOR_FILE, train_loop
+    from pipeline.train import train_loop
     from shards.build import read_manifest
 
     if cfg.train.use_gpu:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UserError("train.use_gpu is true but this machine has no CUDA GPU; set train.use_gpu=false")
+        _check_gpus(cfg)
     ensure_store(cfg.tracking)
     storage.check_writable(_storage_path(cfg.train.storage))
     read_manifest(cfg.shards.url)  # a clear error when the shards are missing
@@ -126,7 +141,7 @@ def pretrain(cfg: Config, parent_run_id: str | None = None) -> PretrainResult:
         result = trainer.fit()
     except Exception as e:
         tracker.end("FAILED")
-        raise UserError(f"pretraining run {cfg.name!r} failed: {e}") from e
+        raise UserError(storage.mask_secrets(f"pretraining run {cfg.name!r} failed: {e}")) from e
     if result.checkpoint is None:
         tracker.end("FAILED")
         raise UserError(f"pretraining run {cfg.name!r} produced no checkpoint")
