@@ -146,9 +146,16 @@ def test_every_tensor_and_module_of_the_step_lands_on_cuda_5(worker_at_local_ran
     assert [r.dtype for r in r1] == [torch.float32] * len(r1)
     assert bank.on_device is fits
     assert {f.device for f in bank.feats} == ({CUDA5} if fits else {torch.device("cpu")})
-    pinned = worker_at_local_rank_5["pinned"]
-    # both views and the draw's indices (or, off the device, the bank and the gathered references) are pinned
-    assert len(pinned) >= 4
+    # what crosses the host link goes through pinned memory: the two views and, with the bank on
+    # the device, only the draw's indices (B groups, B x K picks); off the device, the bank once
+    # and each step's gathered references
+    b, s, hw = len(GROUPS) * 2, cfg.backbone.image_size, backbone.grid ** 2
+    views = [(b, 3, s, s)] * 2
+    if fits:
+        expected = [(b,), (b, 2)] + views
+    else:
+        expected = [(len(GROUPS), 4, hw, c) for c in backbone.widths] + [(b, 2 * hw, c) for c in backbone.widths] + views
+    assert sorted(map(tuple, worker_at_local_rank_5["pinned"])) == sorted(expected)
 
 
 class Recorder:
