@@ -5,10 +5,10 @@ Order of work, so that a bad config, an unknown layout or an unreachable store f
 anything is written: config (validated by the caller) -> the output store is reachable ->
 every source is scanned (layout, classes, scan-time quarantine within its budget) -> plan
 -> shards already committed from the same plan are kept -> the rest run as Ray tasks, one
-per shard -> the invariant inputs = written + quarantined and the quarantine budget are
-checked -> ``build-info.json`` (timings, not deterministic) -> ``manifest.json`` (deterministic,
-byte for byte the same for the same inputs and settings, however often the build was
-interrupted).
+per shard -> the invariant inputs = written + quarantined + ignored (every file under a
+source root, see docs/layouts.md) and the quarantine budget are checked ->
+``build-info.json`` (timings, not deterministic) -> ``manifest.json`` (deterministic, byte
+for byte the same for the same inputs and settings, however often the build was interrupted).
 """
 
 from __future__ import annotations
@@ -129,12 +129,22 @@ def _check_budget(cfg: Config, inputs: dict[str, int], quarantined: list[dict]) 
     ]
 
 
+NO_CLASS = "(no class)"
+"""The class row of quarantined entries that lie outside every class folder."""
+
+
 def make_manifest(
     cfg: Config, scans: list[SourceScan], plans: list[ShardPlan], sides: dict[str, dict]
 ) -> dict[str, Any]:
-    """The manifest from the plan and the shards' sidecars; checks inputs = written + quarantined."""
+    """The manifest from the plan and the shards' sidecars; checks inputs = written + quarantined + ignored.
+
+    The counts are in files: ``written`` is the images and masks in the shards, a mask of an
+    image quarantined while writing is quarantined too (unless another written image uses it).
+    """
     shards, quarantined, rows = [], [], Counter()
     per_class: dict[tuple[str, str], Counter] = defaultdict(Counter)
+    written_masks: dict[str, set[str]] = defaultdict(set)
+    unwritten: list = []
     for scan in scans:
         for q in scan.quarantined:
             quarantined.append(q.to_dict())
@@ -160,16 +170,25 @@ def make_manifest(
             }
         )
         quarantined += [{"source": plan.source, **q} for q in side["quarantined"]]
+        unwritten += [r for r in plan.records if r.path in bad and r.mask_path]
         for r in written:
             rows[(r.source, r.cls, r.view, r.label, r.defect)] += 1
             c = per_class[(r.source, r.cls)]
             c["abnormal" if r.label else "normal"] += 1
+            if r.mask_path:
+                written_masks[r.source].add(r.mask_path)
             if r.label and plan.masks is False and plan.role == "pretrain":
                 c["excluded_from_training"] += 1
         for cls, n in side["class_bytes"].items():
             per_class[(plan.source, cls)]["bytes"] += n
+    accounted = {(r.source, r.mask_path) for r in unwritten if r.mask_path in written_masks[r.source]}
+    for r in unwritten:
+        if (r.source, r.mask_path) not in accounted:
+            accounted.add((r.source, r.mask_path))  # one entry per file
+            quarantined.append({"source": r.source, "path": r.mask_path, "class": r.cls,
+                                "reason": f"mask of a quarantined image ({r.path})"})
     for q in quarantined:
-        per_class[(q["source"], q["class"])]["quarantined"] += 1
+        per_class[(q["source"], q["class"] or NO_CLASS)]["quarantined"] += 1
     quarantined.sort(key=lambda q: (q["source"], q["path"], q["reason"]))
 
     sources: dict[str, Any] = {}
@@ -177,20 +196,26 @@ def make_manifest(
     for scan in scans:
         s = scan.spec
         mine = {k[1]: v for k, v in per_class.items() if k[0] == s.name}
+        normal = sum(v["normal"] for v in mine.values())
+        abnormal = sum(v["abnormal"] for v in mine.values())
+        masks = len(written_masks[s.name])
         summary = {
             "inputs": scan.inputs,
-            "written": sum(v["normal"] + v["abnormal"] for v in mine.values()),
+            "written": normal + abnormal + masks,
             "quarantined": sum(v["quarantined"] for v in mine.values()),
-            "normal": sum(v["normal"] for v in mine.values()),
-            "abnormal": sum(v["abnormal"] for v in mine.values()),
+            "ignored": sum(scan.ignored.values()),
+            "normal": normal,
+            "abnormal": abnormal,
+            "masks": masks,
             "excluded_from_training": sum(v["excluded_from_training"] for v in mine.values()),
             "bytes": sum(p["bytes"] for p in shards if p["source"] == s.name),
             "shards": sum(1 for p in shards if p["source"] == s.name),
         }
-        if summary["inputs"] != summary["written"] + summary["quarantined"]:
+        if summary["inputs"] != summary["written"] + summary["quarantined"] + summary["ignored"]:
             raise DataError(
                 f"source {s.name!r}: {summary['inputs']} inputs but {summary['written']} written + "
-                f"{summary['quarantined']} quarantined; this is a bug in the build, please report it"
+                f"{summary['quarantined']} quarantined + {summary['ignored']} ignored; this is a bug in the "
+                "build, please report it"
             )
         totals.update(summary)
         sources[s.name] = {
@@ -203,6 +228,7 @@ def make_manifest(
                       ("normal", "abnormal", "quarantined", "excluded_from_training", "bytes")}
                 for cls in sorted(set(scan.classes) | set(mine))
             },
+            "ignored_by_rule": dict(sorted(scan.ignored.items())),
             **summary,
         }
     return {
@@ -211,8 +237,8 @@ def make_manifest(
             "max_samples_per_shard": cfg.shards.max_samples_per_shard,
             "max_bytes_per_shard": cfg.shards.max_bytes_per_shard,
         },
-        "totals": {k: totals[k] for k in ("inputs", "written", "quarantined", "normal", "abnormal",
-                                          "excluded_from_training", "shards", "bytes")},
+        "totals": {k: totals[k] for k in ("inputs", "written", "quarantined", "ignored", "normal", "abnormal",
+                                          "masks", "excluded_from_training", "shards", "bytes")},
         "sources": sources,
         "shards": shards,
         "counts": [
@@ -282,7 +308,7 @@ def build_shards(cfg: Config, progress: bool = False) -> dict[str, Any]:
     for s in cfg.sources:
         _synthesize(s)
     scans = [scan_source(s) for s in cfg.sources]
-    inputs = {s.spec.name: s.inputs for s in scans}
+    inputs = {s.spec.name: s.inputs - sum(s.ignored.values()) for s in scans}  # the budget's denominator
     scan_q = [q.to_dict() for s in scans for q in s.quarantined]
     reports = _check_budget(cfg, inputs, scan_q)
     if reports:
@@ -342,7 +368,8 @@ def build_shards(cfg: Config, progress: bool = False) -> dict[str, Any]:
         ensure_writable()
         storage.write_text(storage.join(url, BUILD_INFO), _dumps(info))
         storage.write_text(manifest_url, text)  # last
-        log.info("wrote %s: %d shards, %d samples", manifest_url, len(plans), manifest["totals"]["written"])
+        t = manifest["totals"]
+        log.info("wrote %s: %d shards, %d samples", manifest_url, len(plans), t["normal"] + t["abnormal"])
     else:
         log.info("%s is up to date: nothing to write", manifest_url)
     return {**manifest, "build": info}
@@ -389,7 +416,7 @@ def shard_urls(
 
 
 def summary_table(manifest: dict) -> str:
-    """Per source and class: normal, abnormal, quarantined, MB; totals and images/s."""
+    """Per source and class: normal, abnormal, quarantined, MB; totals, the count of every input file, images/s."""
     head = ("source", "class", "normal", "abnormal", "quarantined", "MB")
     rows = []
     for name, src in sorted(manifest["sources"].items()):
@@ -406,8 +433,9 @@ def summary_table(manifest: dict) -> str:
     out = [line(head), "  ".join("-" * w for w in widths)] + [line(r) for r in rows[:-1]]
     out += ["  ".join("-" * w for w in widths), line(rows[-1])]
     out.append(
-        f"{t['shards']} shards ({t['bytes'] / 1e6:.1f} MB), "
-        f"{t['inputs']} inputs = {t['written']} written + {t['quarantined']} quarantined"
+        f"{t['shards']} shards ({t['bytes'] / 1e6:.1f} MB); files under the source roots: "
+        f"{t['inputs']} inputs = {t['written']} written + {t['quarantined']} quarantined + {t['ignored']} ignored "
+        f"(written: {t['normal'] + t['abnormal']} images, {t['masks']} masks)"
     )
     if t["excluded_from_training"]:
         out.append(f"{t['excluded_from_training']} abnormal samples without masks are left out of the training streams")

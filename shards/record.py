@@ -21,6 +21,7 @@ import io
 import json
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,17 @@ def image_ext(path: str) -> str | None:
     """The normalised lowercase image extension of ``path`` (jpg, png, bmp, tiff), or None."""
     ext = path.rsplit(".", 1)[-1].lower() if "." in os.path.basename(path) else ""
     return _EXT_NAMES.get(ext, ext) if ext in IMAGE_EXTS else None
+
+
+_KINDS = ((stat.S_ISFIFO, "named pipe (FIFO)"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+          (stat.S_ISBLK, "block device"), (stat.S_ISDIR, "folder"))
+
+
+def file_kind(mode: int) -> str | None:
+    """What a file of ``st_mode`` is when it is not a regular file (None for a regular file)."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((name for test, name in _KINDS if test(mode)), "special file")
 
 
 def _key_part(value: str | None) -> str:
@@ -85,9 +97,11 @@ class SampleRecord:
     path: str  # relative to the source root
     url: str
     size: int
+    stamp: str = ""  # what changes when the file does: mtime_ns on a local disk, the ETag on a store
     mask_path: str | None = None
     mask_url: str | None = None
     mask_size: int = 0
+    mask_stamp: str = ""
 
     @property
     def stream(self) -> str:
@@ -99,7 +113,8 @@ class SampleRecord:
 
     def identity(self) -> list:
         """What a committed shard must have been written from to be reused."""
-        return [self.key, self.path, self.size, self.mask_path, self.mask_size, self.label, self.view, self.split]
+        return [self.key, self.path, self.size, self.stamp, self.mask_path, self.mask_size, self.mask_stamp,
+                self.label, self.view, self.split]
 
 
 @dataclass
@@ -120,11 +135,20 @@ class BadInput(Exception):
 
 
 def _read_local(path: str) -> bytes | BadInput:
+    # O_NONBLOCK: opening a FIFO put in place after the listing returns at once instead of
+    # waiting for a writer; fstat then refuses anything that is not a regular file.
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as e:
         return BadInput(f"cannot read the file: {type(e).__name__}: {e.strerror or e}")
+    with open(fd, "rb") as f:
+        kind = file_kind(os.fstat(fd).st_mode)
+        if kind:
+            return BadInput(f"{kind}, not a regular file (not read)")
+        try:
+            return f.read()
+        except OSError as e:
+            return BadInput(f"cannot read the file: {type(e).__name__}: {e.strerror or e}")
 
 
 def read_inputs(urls: list[str]) -> dict[str, bytes | BadInput]:
@@ -327,6 +351,7 @@ __all__ = [
     "SampleRecord",
     "check_image",
     "check_mask",
+    "file_kind",
     "image_ext",
     "load_sample",
     "make_key",

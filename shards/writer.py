@@ -55,7 +55,8 @@ class ShardPlan:
         return f"{self.folder}/{self.name}"
 
     def keys_hash(self) -> str:
-        """Hash of everything the shard is written from: keys, input paths and sizes, labels."""
+        """Hash of everything the shard is written from: keys, labels, input paths, sizes and change
+        stamps (mtime_ns or ETag), so that an input edited in place, even to the same size, is rewritten."""
         ident = [FORMAT, self.masks, [r.identity() for r in self.records]]
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 

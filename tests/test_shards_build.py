@@ -139,7 +139,16 @@ def test_build_local_read_back_and_rerun_writes_nothing(ray_local, trees, tmp_pa
         got[(m["source"], m["class"], m["view"], m["label"], m["defect"])] += 1
     assert {(c["source"], c["class"], c["view"], c["label"], c["defect"]): c["count"] for c in manifest["counts"]} == got
     t = manifest["totals"]
-    assert t["inputs"] == t["written"] + t["quarantined"] == len(samples) and t["quarantined"] == 0
+    # Every file under the roots: the images and masks written, synth_info.json in each root and the
+    # split and annotation files (ignored).
+    assert t["inputs"] == t["written"] + t["quarantined"] + t["ignored"] and t["quarantined"] == 0
+    assert t["written"] == len(samples) + t["masks"] and t["normal"] + t["abnormal"] == len(samples)
+    in_root, split_files = "non-image files in the root", "split files"
+    assert {n: {r.split(" (")[0]: k for r, k in src["ignored_by_rule"].items()}
+            for n, src in manifest["sources"].items()} == {
+        "mv": {in_root: 1}, "bt": {in_root: 1},
+        "iad": {in_root: 1, split_files: 1}, "vi": {in_root: 1, split_files: 1, "annotation files": 2},
+    }
     assert {s["split"] for s in manifest["shards"] if s["source"] == "vi"} == {"val"}
     assert Counter(m["view"] for m in (json.loads(x["json"]) for x in samples) if m["source"] == "iad") == {
         f"C{v}": 5 for v in range(1, 6)
@@ -171,6 +180,30 @@ def test_changed_plan_replaces_old_shards(ray_local, trees, tmp_path):
     assert files == {s["path"] for s in manifest["shards"]} | {s["path"] + ".json" for s in manifest["shards"]}
     assert all(s["count"] <= 4 for s in manifest["shards"]) and max(s["count"] for s in manifest["shards"]) > 2
     compare_with_sources(read_samples(shard_urls(manifest, str(out))), config(str(out), src, tmp_path))
+
+
+def test_same_size_edit_in_place_is_rebuilt(ray_local, trees, tmp_path):
+    root = tmp_path / "bt"
+    shutil.copytree(trees / "btad", root)
+    out = tmp_path / "shards"
+    cfg = config(str(out), [{"name": "bt", "layout": "btad", "root": str(root), "split": "pretrain"}], tmp_path)
+    build_shards(cfg)
+    manifest_before = (out / "manifest.json").read_text()
+    bmp = sorted(root.glob("*/train/ok/*.bmp"))[0]
+    size = bmp.stat().st_size
+    Image.fromarray(255 - decode(bmp.read_bytes())).save(bmp)  # a corrected image: same format, same size
+    assert bmp.stat().st_size == size
+    before = snapshot(out)
+    manifest = build_shards(cfg)
+    assert manifest["build"]["shards_written"] == 1
+    after = snapshot(out)
+    rewritten = sorted(p for p in after if after[p] != before.get(p) and p.endswith(".tar"))
+    assert len(rewritten) == 1 and (out / "manifest.json").read_text() != manifest_before
+    sample = next(x for x in read_samples([str(out / rewritten[0])])
+                  if json.loads(x["json"])["path"] == str(bmp.relative_to(root)))
+    assert sample["bmp"] == bmp.read_bytes()
+    # Nothing changed since: a rerun writes nothing.
+    assert build_shards(cfg)["build"]["shards_written"] == 0 and snapshot(out) == after
 
 
 def test_plan_respects_sample_and_byte_limits():
@@ -281,6 +314,7 @@ def _vandalise(root: Path) -> tuple[dict[str, str], str]:
         rel(good[1]): "image is not a readable image",
         rel(good[3]): "RGBA image with transparent pixels",
         rel(test[0]): "mask ",
+        rel(mask): "mask of a quarantined image",
         rel(test[1]): "abnormal image without its mask",
         "emptyclass": "class folder has no images",
     }, rel(good[2])
@@ -299,16 +333,17 @@ def test_bad_inputs_are_quarantined_and_accounted_for(ray_local, trees, tmp_path
         assert got[path].startswith(reason), (path, got[path])
     assert "differs from the image size" in got[next(p for p, r in expected.items() if r == "mask ")]
     t, s = manifest["totals"], manifest["sources"]["mv"]
-    n_files = sum(1 for p in (trees / "mvtec").rglob("*.png") if "ground_truth" not in p.parts)
-    assert t["inputs"] == n_files + 1 == t["written"] + t["quarantined"] and t["quarantined"] == len(expected)
-    assert s["inputs"] == s["written"] + s["quarantined"]
+    n_files = sum(1 for p in root.rglob("*") if not p.is_dir())  # images, masks, synth_info.json
+    assert t["inputs"] == n_files + 1 == t["written"] + t["quarantined"] + t["ignored"]  # + the empty class folder
+    assert t["quarantined"] == len(expected) and t["ignored"] == 1
+    assert s["inputs"] == s["written"] + s["quarantined"] + s["ignored"]
     samples = read_samples(shard_urls(manifest, str(out)))
-    assert len(samples) == t["written"]
+    assert len(samples) == t["normal"] + t["abnormal"] == t["written"] - t["masks"]
     conv = next(json.loads(x["json"]) for x in samples if json.loads(x["json"])["path"] == converted)
     assert (conv["converted"], conv["image_ext"], conv["mode"]) == ("RGBA->RGB", "png", "RGBA")
     assert summary_table(manifest).count("emptyclass") == 1
 
-    # The same source under a 20 % budget (6 of 19 inputs are bad): a failed build with the
+    # The same source under a 20 % budget (7 of 24 inputs are bad): a failed build with the
     # report, and no manifest.
     out2 = tmp_path / "shards2"
     with pytest.raises(DataError) as e:
@@ -318,7 +353,7 @@ def test_bad_inputs_are_quarantined_and_accounted_for(ray_local, trees, tmp_path
     assert not (out2 / "manifest.json").exists()
     info = json.loads((out2 / "build-info.json").read_text())
     assert info["status"] == "failed" and {q["path"] for q in info["quarantined"]} == set(expected)
-    # Scan-time quarantine alone (2 of 19) over a 5 % budget: fails before writing anything.
+    # Scan-time quarantine alone (2 of 24) over a 5 % budget: fails before writing anything.
     out3 = tmp_path / "shards3"
     with pytest.raises(DataError, match="nothing written"):
         build_shards(config(str(out3), src, tmp_path, max_quarantine_fraction=0.05))

@@ -106,8 +106,12 @@ def test_visa_honours_the_split_csv(tmp_path):
         r = by_path[row["image"]]
         assert (r.split, r.label, r.cls) == (row["split"], int(row["label"] == "anomaly"), row["object"])
         assert r.mask_path == (row["mask"] or None)
-    assert [(q.path, q.reason) for q in scan.quarantined] == [
+    assert [(q.path, q.reason) for q in scan.quarantined][:1] == [
         (rows[-1]["image"], "image not listed in split_csv/1cls.csv (its split is unknown)")
+    ]
+    # Its mask is a file no listed image uses: quarantined too (every file is accounted for).
+    assert [(q.path, q.reason.split(":")[0]) for q in scan.quarantined][1:] == [
+        (rows[-1]["mask"], "not the mask of any image")
     ]
 
 
@@ -255,8 +259,11 @@ def test_scan_quarantines_bad_inputs_and_accounts_for_every_input(tmp_path):
     assert by_reason[f"{cls}/train/good/notes.txt"].startswith("not an image file")
     assert len(by_reason) == 6
     assert any(r.path == f"{cls}/train/good/inside.png" for r in scan.records)
-    # inputs = written candidates + quarantined: the synth images, plus what was added.
-    assert scan.inputs == len(scan.records) + len(scan.quarantined) == n_images + 6
+    # inputs = records' images and masks + quarantined + ignored (.DS_Store, synth_info.json in the
+    # root): the synth images and masks, plus what was added.
+    masks = len({r.mask_path for r in scan.records if r.mask_path})
+    assert scan.ignored == {"hidden files": 1, "non-image files in the root (readme, license)": 1}
+    assert scan.inputs == len(scan.records) + masks + len(scan.quarantined) + 2 == n_images + 6 + masks + 2
 
 
 def test_masks_none_source_has_no_masks_and_needs_none(tmp_path):

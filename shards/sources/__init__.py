@@ -1,13 +1,18 @@
 """Source readers, one per on-disk layout, and :func:`scan_source` that runs the right one.
 
 Each layout module exposes ``EXPECTED`` (the layout in one line, for error messages),
-``CLASS_DIR`` (the folder that holds the class folders), ``find_classes(listing)`` and
-``scan(listing, classes, masks) -> Found``. See docs/layouts.md.
+``CLASS_DIR`` (the folder that holds the class folders), ``find_classes(listing)``,
+``scan(listing, classes, masks) -> Found`` (the paths it consumes), ``MASKS`` (glob
+patterns of where its masks lie) and, optionally,
+``NOT_READ`` (glob patterns of the files the layout documents as not read, with the rule's
+name). Everything else under the root is accounted for in one place,
+:func:`shards.sources.common.to_records`. See docs/layouts.md.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -32,16 +37,18 @@ READERS: dict[str, ModuleType] = {
 
 @dataclass
 class SourceScan:
-    """Every input of one source: records to write and inputs already quarantined."""
+    """Every input of one source: records to write, inputs already quarantined, files ignored (by rule).
+
+    ``inputs`` counts every entry under the root that is not a folder, plus the quarantine
+    entries that have no file of their own (a listed file that is missing, an empty class folder).
+    """
 
     spec: SourceSpec
     classes: list[str]
     records: list[SampleRecord]
     quarantined: list[Quarantined]
-
-    @property
-    def inputs(self) -> int:
-        return len(self.records) + len(self.quarantined)
+    ignored: Counter
+    inputs: int
 
 
 def _looks_like(listing: Listing, layout: str) -> list[str]:
@@ -87,22 +94,12 @@ def scan_source(spec: SourceSpec) -> SourceScan:
             f"source {spec.name!r}: root {spec.root!r} does not match the {spec.layout!r} layout: expected "
             f"{reader.EXPECTED}; found {listing.top() or 'nothing'}.{_hint(listing, spec.layout)}"
         )
-    selected = set(classes)
-    prefix = [p for p in reader.CLASS_DIR.split("/") if p]
-
-    def class_of_path(rel: str) -> str | None:
-        parts = rel.split("/")
-        if parts[: len(prefix)] != prefix or len(parts) <= len(prefix):
-            return None
-        cls = parts[len(prefix)]
-        return cls if cls in selected or (spec.classes == "all" and len(parts) == len(prefix) + 1) else None
-
-    records, quarantined = to_records(spec, listing, found, class_of_path)
+    acc = to_records(spec, listing, found, reader, classes, available)
     log.info(
-        "source %s (%s, %d classes): %d inputs, %d quarantined at scan",
-        spec.name, spec.layout, len(classes), len(records) + len(quarantined), len(quarantined),
+        "source %s (%s, %d classes): %d inputs, %d quarantined at scan, %d ignored",
+        spec.name, spec.layout, len(classes), acc.inputs, len(acc.quarantined), sum(acc.ignored.values()),
     )
-    return SourceScan(spec, classes, records, quarantined)
+    return SourceScan(spec, classes, acc.records, acc.quarantined, acc.ignored, acc.inputs)
 
 
 __all__ = ["READERS", "SourceScan", "scan_source"]

@@ -7,6 +7,7 @@ from shards.sources.common import Candidate, Found, Listing, empty_class, stem
 
 EXPECTED = "<class>/train/ok/*, <class>/test/ok/*, <class>/test/ko/*, <class>/ground_truth/ko/<stem>.png|.bmp"
 CLASS_DIR = ""
+MASKS = ("*/ground_truth/*",)
 _MASK_EXT_ORDER = ("png", "bmp", "tiff", "jpg")
 
 
@@ -32,7 +33,7 @@ def scan(listing: Listing, classes: list[str], masks: bool) -> Found:
             for name in listing.files_in(f"{cls}/{split}/{sub}"):
                 found.candidates.append(Candidate(cls, split, 0, "good", f"{cls}/{split}/{sub}/{name}"))
         for name in listing.files_in(f"{cls}/test/ko"):
-            mask = _mask_for(listing, cls, name) if masks else None
+            mask = _mask_for(listing, cls, name)
             found.candidates.append(Candidate(cls, "test", 1, "ko", f"{cls}/test/ko/{name}", mask=mask))
         if len(found.candidates) == n:
             empty_class(found, cls, cls, EXPECTED)

@@ -11,6 +11,7 @@ from shards.sources.common import Candidate, Found, Listing, empty_class, stem
 
 EXPECTED = "<class>/good/*, <class>/<defect>/*, masks in <class>/masks/<defect>/<stem>.png"
 CLASS_DIR = ""
+MASKS = ("*/masks/*",)
 
 
 def find_classes(listing: Listing) -> list[str]:
@@ -31,7 +32,7 @@ def scan(listing: Listing, classes: list[str], masks: bool) -> Found:
                 if sub == "good":
                     found.candidates.append(Candidate(cls, "train", 0, "good", path))
                 else:
-                    mask = f"{cls}/masks/{sub}/{stem(name)}.png" if masks else None
+                    mask = f"{cls}/masks/{sub}/{stem(name)}.png"
                     found.candidates.append(Candidate(cls, "test", 1, sub, path, mask=mask))
         if len(found.candidates) == n:
             empty_class(found, cls, cls, EXPECTED)

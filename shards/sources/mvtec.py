@@ -7,6 +7,7 @@ from shards.sources.common import Candidate, Found, Listing, empty_class, stem
 
 EXPECTED = "<class>/train/good/*.png, <class>/test/<defect|good>/*.png, <class>/ground_truth/<defect>/<stem>_mask.png"
 CLASS_DIR = ""
+MASKS = ("*/ground_truth/*",)
 
 
 def find_classes(listing: Listing) -> list[str]:
@@ -25,7 +26,7 @@ def scan(listing: Listing, classes: list[str], masks: bool) -> Found:
                 if defect == "good":
                     found.candidates.append(Candidate(cls, "test", 0, "good", path))
                 else:
-                    mask = f"{cls}/ground_truth/{defect}/{stem(name)}_mask.png" if masks else None
+                    mask = f"{cls}/ground_truth/{defect}/{stem(name)}_mask.png"
                     found.candidates.append(Candidate(cls, "test", 1, defect, path, mask=mask))
         if len(found.candidates) == n:
             empty_class(found, cls, cls, EXPECTED)

@@ -1,5 +1,6 @@
 """MVTec 3D-AD, RGB only: ``<class>/{train,validation,test}/<good|defect>/rgb/NNN.png``,
-masks ``.../<defect>/gt/NNN.png``; the xyz point clouds are not read."""
+masks ``.../<defect>/gt/NNN.png``; the xyz point clouds, the (empty) masks of good images and
+the camera calibration are not read."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from shards.sources.common import Candidate, Found, Listing, empty_class, stem
 
 EXPECTED = "<class>/{train,validation,test}/<good|defect>/rgb/*.png with masks in <defect>/gt/<stem>.png"
 CLASS_DIR = ""
+MASKS = ("*/gt/*",)
 SPLITS = ("train", "validation", "test")
+NOT_READ = (("*/xyz/*", "point clouds (xyz/, not read)"), ("*/calibration/*", "camera calibration (not read)"))
 
 
 def find_classes(listing: Listing) -> list[str]:
@@ -22,11 +25,10 @@ def scan(listing: Listing, classes: list[str], masks: bool) -> Found:
             for defect in listing.subdirs(f"{cls}/{split}"):
                 folder = f"{cls}/{split}/{defect}"
                 for name in listing.files_in(f"{folder}/rgb"):
-                    path = f"{folder}/rgb/{name}"
+                    path, mask = f"{folder}/rgb/{name}", f"{folder}/gt/{stem(name)}.png"
                     if defect == "good":
-                        found.candidates.append(Candidate(cls, split, 0, "good", path))
+                        found.candidates.append(Candidate(cls, split, 0, "good", path, mask=mask))
                     else:
-                        mask = f"{folder}/gt/{stem(name)}.png" if masks else None
                         found.candidates.append(Candidate(cls, split, 1, defect, path, mask=mask))
         if len(found.candidates) == n:
             empty_class(found, cls, cls, EXPECTED)

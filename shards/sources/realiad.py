@@ -28,6 +28,8 @@ EXPECTED = (
 DATA_DIR = "realiad_512"
 JSON_DIR = "realiad_jsons"
 CLASS_DIR = DATA_DIR
+MASKS = (f"{DATA_DIR}/*/NG/*/*/*.png",)
+NOT_READ = ((f"{JSON_DIR}*/*", "split files (realiad_jsons*/, read for splits and labels)"),)
 _VIEW = re.compile(r"_C(\d+)_")
 _IMAGE = re.compile(r"\.jpe?g$", re.IGNORECASE)
 
@@ -63,7 +65,7 @@ def _json_files(listing: Listing) -> dict[str, str]:
     return found
 
 
-def _add(found: Found, cls: str, split: str, path: str, defect: str | None, mask: str | None, masks: bool) -> None:
+def _add(found: Found, cls: str, split: str, path: str, defect: str | None, mask: str | None) -> None:
     view = _view(path)
     if view is None:
         found.reject(path, cls, "no camera view (_C<n>_) in the file name")
@@ -71,10 +73,10 @@ def _add(found: Found, cls: str, split: str, path: str, defect: str | None, mask
     if defect is None:
         found.candidates.append(Candidate(cls, split, 0, "good", path, view=view))
     else:
-        found.candidates.append(Candidate(cls, split, 1, defect, path, view=view, mask=mask if masks else None))
+        found.candidates.append(Candidate(cls, split, 1, defect, path, view=view, mask=mask))
 
 
-def _from_json(listing: Listing, found: Found, cls: str, json_path: str, masks: bool) -> set[str]:
+def _from_json(listing: Listing, found: Found, cls: str, json_path: str) -> set[str]:
     url = listing.url(json_path)
     try:
         doc = json.loads(storage.read_text(url))
@@ -98,7 +100,7 @@ def _from_json(listing: Listing, found: Found, cls: str, json_path: str, masks: 
             mask = None
             if abnormal:
                 mask = resolve(e["mask_path"]) if e.get("mask_path") else f"{posixpath.splitext(path)[0]}.png"
-            _add(found, cls, split, path, e["anomaly_class"] if abnormal else None, mask, masks)
+            _add(found, cls, split, path, e["anomaly_class"] if abnormal else None, mask)
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise DataError(
             f"Real-IAD split file {url!r} cannot be read: {type(err).__name__}: {err} (expected "
@@ -114,7 +116,7 @@ def scan(listing: Listing, classes: list[str], masks: bool) -> Found:
         n = len(found.candidates) + len(found.rejected)
         disk = _on_disk(listing, cls)
         if cls in jsons:
-            listed = _from_json(listing, found, cls, jsons[cls], masks)
+            listed = _from_json(listing, found, cls, jsons[cls])
             for path, _ in disk:
                 if path not in listed:
                     found.reject(path, cls, f"image not listed in {jsons[cls]} (its split is unknown)")
@@ -124,7 +126,7 @@ def scan(listing: Listing, classes: list[str], masks: bool) -> Found:
                 split = "train" if defect is None else "test"
                 if defect is not None and masks and mask not in listing.files:
                     defect = None  # a view of an NG sample that does not show the defect (listed as OK in the jsons)
-                _add(found, cls, split, path, defect, mask, masks)
+                _add(found, cls, split, path, defect, mask)
         if len(found.candidates) + len(found.rejected) == n:
             empty_class(found, f"{DATA_DIR}/{cls}", cls, EXPECTED)
     return found

@@ -13,8 +13,11 @@ from shards.sources.common import Candidate, Found, Listing, empty_class
 
 EXPECTED = "<class>/Data/Images/{Normal,Anomaly}/*.JPG, <class>/Data/Masks/Anomaly/*.png, split_csv/1cls.csv"
 CLASS_DIR = ""
+MASKS = ("*/Data/Masks/*",)
 SPLIT_CSV = "split_csv/1cls.csv"
 _COLUMNS = ("object", "split", "label", "image", "mask")
+NOT_READ = (("split_csv/*", "split files (split_csv/, 1cls.csv read for splits and labels)"),
+            ("*/image_anno.csv", "annotation files (<class>/image_anno.csv, not read)"))
 
 
 def find_classes(listing: Listing) -> list[str]:
@@ -54,9 +57,7 @@ def scan(listing: Listing, classes: list[str], masks: bool) -> Found:
             found.reject(path, cls, f"{SPLIT_CSV} line {i}: label {row['label']!r} / split {row['split']!r} "
                          "not in normal|anomaly / train|test")
             continue
-        mask = None
-        if label and masks:
-            mask = row["mask"].strip().lstrip("/") or None
+        mask = (row["mask"].strip().lstrip("/") or None) if label else None
         defect = "anomaly" if label else "good"
         found.candidates.append(Candidate(cls, split, label, defect, path, mask=mask))
     for cls in classes:
