@@ -111,7 +111,7 @@ def run_chain(cfg: Config) -> ChainResult:
     def _shards() -> str:
         result.manifest = build_shards(cfg, progress=True)
         t = result.manifest["totals"]
-        return f"{t['written']} samples in {len(result.manifest['shards'])} shards, {t['quarantined']} quarantined"
+        return f"{t['normal'] + t['abnormal']} samples in {len(result.manifest['shards'])} shards, {t['quarantined']} quarantined"
 
     @stage("refbank")
     def _refbank() -> str:
