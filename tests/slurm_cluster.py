@@ -3,7 +3,7 @@
 munged, slurmctld and slurmd run as this process's children with every file (key, socket,
 state, spool, logs, slurm.conf) under one directory; nothing system-wide is touched, and
 ``SLURM_CONF`` points the client commands (sbatch, scontrol, ...) at it. Needs root and the
-Debian packages: apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge
+Debian packages slurmctld, slurmd, slurm-client and munge (tests/run.sh installs them).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from typing import Iterator
 
 import pytest
 
-PACKAGES = "apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge"
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY", "BOOT_FAIL",
             "DEADLINE"}
 
@@ -73,7 +72,9 @@ class SlurmCluster:
         missing = [b for b in ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol")
                    if shutil.which(b) is None]
         if missing:
-            raise RuntimeError(f"SLURM test needs {', '.join(missing)}: as root, apt-get update && {PACKAGES}")
+            raise RuntimeError(f"SLURM test needs {', '.join(missing)}: run the tests as root with "
+                               "`bash tests/run.sh`, which installs the Debian packages slurmctld, slurmd, "
+                               "slurm-client and munge")
         if os.geteuid() != 0:
             raise RuntimeError("the SLURM test starts slurmd and munged, which needs root")
 
