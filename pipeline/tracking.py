@@ -4,6 +4,10 @@ Stores: ``sqlite:///path.db`` (a relative path is taken from the current directo
 made absolute; artifacts go to ``mlartifacts/`` beside the database) or an MLflow
 tracking server ``http(s)://host:port`` (its own artifact store).
 
+Credentials inside URLs (``http://user:password@host``, ``s3://key:secret@bucket``) never
+reach the store or the logs: params, tags, the config artifact, log lines and error
+messages show them as ``***`` (:func:`shards.storage.mask_secrets`).
+
 Training never waits for, and is never stopped by, the tracking store: metrics are
 buffered and written with ``log_batch`` by a background thread; a transient failure
 (connection error, sqlite "database is locked", server unavailable) is retried with
@@ -27,14 +31,13 @@ import shutil
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import mlflow
 import numpy as np
+import requests
 from mlflow.entities import LoggedModelOutput, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -47,6 +50,7 @@ from mlflow.utils.validation import (
 
 from pipeline.config import Config, TrackingSpec
 from pipeline.errors import UserError
+from shards.storage import mask_secrets
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +82,13 @@ def _scheme(uri: str) -> str:
     return uri.split(":", 1)[0].lower() if ":" in uri else ""
 
 
+def _quiet_mlflow(uri: str) -> None:
+    """No telemetry; and no run link printed by MLflow when the URI holds credentials."""
+    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    if mask_secrets(uri) != uri:
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+
+
 def _sqlite_path(uri: str) -> Path:
     return Path(uri[len("sqlite:///") :])
 
@@ -89,19 +100,23 @@ def ensure_store(spec: TrackingSpec) -> None:
     (two processes creating a new database at once crash). http(s): check that the
     server answers, else :class:`UserError`. Sets MLFLOW_DISABLE_TELEMETRY=true.
     """
-    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
     uri = resolve_uri(spec.uri)
+    _quiet_mlflow(uri)
     scheme = _scheme(uri)
     if scheme == "sqlite":
         _ensure_sqlite(uri, spec.experiment)
     elif scheme in ("http", "https"):
         _check_server(uri)
-        _experiment_id(MlflowClient(uri), spec.experiment, uri)
+        try:
+            _experiment_id(MlflowClient(uri), spec.experiment, uri)
+        except MlflowException as e:
+            raise UserError(mask_secrets(f"MLflow tracking server at {uri}: cannot open experiment "
+                                         f"{spec.experiment!r}: {e.message}", uri)) from None
     else:
-        raise UserError(
+        raise UserError(mask_secrets(
             f"tracking.uri {spec.uri!r}: unsupported tracking store; use sqlite:///path/to/mlflow.db "
             "(one machine or a shared disk) or http(s)://host:port (an MLflow tracking server)"
-        )
+        ))
 
 
 def _ensure_sqlite(uri: str, experiment: str) -> None:
@@ -129,18 +144,16 @@ def _ensure_sqlite(uri: str, experiment: str) -> None:
 
 
 def _check_server(uri: str, timeout: float = 10.0) -> None:
+    # requests (MLflow's own HTTP client) sends the URL's user:password as basic auth; any
+    # answer, an error from a proxy or from auth included, means the server is reachable
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
-            pass
-    except urllib.error.HTTPError:
-        pass  # the server answered (maybe behind a proxy or with auth): it is reachable
-    except (urllib.error.URLError, OSError) as e:
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout)
+    except requests.RequestException as e:
         reason = getattr(e, "reason", e)
-        raise UserError(
+        raise UserError(mask_secrets(
             f"MLflow tracking server at {uri} unreachable ({reason}). Start it (`mlflow server "
             "--backend-store-uri sqlite:///mlflow.db --host 0.0.0.0 --port 5000`) or set tracking.uri "
-            "to sqlite:///mlflow.db"
-        ) from None
+            "to sqlite:///mlflow.db", uri)) from None
 
 
 def _client(uri: str) -> MlflowClient:
@@ -206,11 +219,13 @@ class Retry:
 
 
 def _short(e: BaseException, n: int = 200) -> str:
-    s = str(e).strip().splitlines()
+    s = mask_secrets(str(e)).strip().splitlines()
     return (s[0] if s else "")[:n]
 
 
-def _truncate(value: str, limit: int) -> str:
+def _value(value: Any, limit: int) -> str:
+    """A param or tag value: credentials masked, cut to ``limit`` characters."""
+    value = mask_secrets(str(value))
     return value if len(value) <= limit else value[: limit - len(_TRUNCATED)] + _TRUNCATED
 
 
@@ -301,14 +316,15 @@ class RunTracker:
         """Create the run, or resume the latest unfinished run of this experiment with ``run_name``.
 
         The flattened config is logged as params (values cut to MLflow's length limit; the
-        whole config is also an artifact ``config.json``). On resume, params already there
-        are kept; changed values are reported in the tag ``adpretrain.resume.changed_params``.
+        whole config is also an artifact ``config.json``; credentials in URLs masked in both).
+        On resume, params already there are kept; changed values are reported in the tag
+        ``adpretrain.resume.changed_params``.
         ``options`` go to the constructor (flush_every, flush_seconds, retry, system_metrics_node).
         """
-        os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
         if any(c in run_name for c in "'\"\\`"):
             raise UserError(f"run name {run_name!r}: quotes and backslashes are not allowed in run names")
         uri = resolve_uri(spec.uri)
+        _quiet_mlflow(uri)
         retry: Retry = options.get("retry", Retry())
         if _scheme(uri) in ("http", "https"):
             _check_server(uri)
@@ -316,12 +332,12 @@ class RunTracker:
         try:
             exp_id = retry.call(lambda: _experiment_id(client, spec.experiment, uri), "open experiment")
             run = retry.call(lambda: _find_unfinished(client, exp_id, run_name), "search runs")
-            all_tags = {**{k: _truncate(str(v), MAX_TAG_VAL_LENGTH) for k, v in tags.items()}, RUN_NAME_TAG: run_name}
+            all_tags = {**{k: _value(v, MAX_TAG_VAL_LENGTH) for k, v in tags.items()}, RUN_NAME_TAG: run_name}
             if parent_run_id:
                 all_tags["mlflow.parentRunId"] = parent_run_id
             if run is None:
                 run = retry.call(lambda: client.create_run(exp_id, run_name=run_name, tags=all_tags), "create run")
-                log.info("MLflow run %s (%s) created in %s", run.info.run_id, run_name, uri)
+                log.info("MLflow run %s (%s) created in %s", run.info.run_id, run_name, mask_secrets(uri))
                 existing: dict[str, str] = {}
                 resumes = 0
             else:
@@ -331,35 +347,37 @@ class RunTracker:
                 resumes = int(run.data.tags.get("adpretrain.resumes", "0")) + 1
                 all_tags["adpretrain.resumes"] = str(resumes)
             run_id = run.info.run_id
-            params = {k: _truncate(v, MAX_PARAM_VAL_LENGTH) for k, v in cfg.flat().items()}
+            params = {k: _value(v, MAX_PARAM_VAL_LENGTH) for k, v in cfg.flat().items()}
             new = [Param(k, v) for k, v in params.items() if k not in existing]
             changed = sorted(k for k, v in params.items() if k in existing and existing[k] != v)
             if changed:
                 log.warning("MLflow run %s resumed with a changed config: %s", run_id, ", ".join(changed))
-                all_tags["adpretrain.resume.changed_params"] = _truncate(",".join(changed), MAX_TAG_VAL_LENGTH)
+                all_tags["adpretrain.resume.changed_params"] = _value(",".join(changed), MAX_TAG_VAL_LENGTH)
             tag_objs = [RunTag(k, v) for k, v in all_tags.items()]
             for chunk in _chunks(new, MAX_PARAMS_TAGS_PER_BATCH):
                 retry.call(lambda c=chunk: client.log_batch(run_id, params=c), "log params")
             for chunk in _chunks(tag_objs, MAX_PARAMS_TAGS_PER_BATCH):
                 retry.call(lambda c=chunk: client.log_batch(run_id, tags=c), "set tags")
             config_name = "config.json" if resumes == 0 else f"config-resume-{resumes}.json"
-            retry.call(lambda: client.log_dict(run_id, cfg.to_dict(), config_name), "log config")
+            config_text = mask_secrets(json.dumps(cfg.to_dict(), indent=2))
+            retry.call(lambda: client.log_text(run_id, config_text, config_name), "log config")
         except MlflowException as e:
-            raise UserError(f"MLflow tracking store {uri}: cannot start run {run_name!r}: {e.message}") from None
+            raise UserError(mask_secrets(
+                f"MLflow tracking store {uri}: cannot start run {run_name!r}: {e.message}", uri)) from None
         options.setdefault("system_metrics_node", "driver")
         return cls(spec, run_id, exp_id, **options)
 
     @classmethod
     def attach(cls, spec: TrackingSpec, run_id: str, **options: Any) -> "RunTracker":
         """Log into an existing run (rank 0 of the workers logging into the driver's run)."""
-        os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
         uri = resolve_uri(spec.uri)
+        _quiet_mlflow(uri)
         retry: Retry = options.get("retry", Retry())
         try:
             run = retry.call(lambda: _client(uri).get_run(run_id), "get run")
         except MlflowException as e:
             hint = " (a relative sqlite path resolves against the current directory)" if _scheme(uri) == "sqlite" else ""
-            raise UserError(f"MLflow run {run_id} not found at {uri}{hint}: {e.message}") from None
+            raise UserError(mask_secrets(f"MLflow run {run_id} not found at {uri}{hint}: {e.message}", uri)) from None
         options.setdefault("system_metrics_node", "rank0")
         return cls(spec, run_id, run.info.experiment_id, **options)
 
@@ -415,7 +433,7 @@ class RunTracker:
         os.makedirs(folder, exist_ok=True)
         shutil.copy2(projector_file, os.path.join(folder, os.path.basename(projector_file)))
         with open(os.path.join(folder, "checkpoint.json"), "w") as f:
-            json.dump({"step": int(step), "storage_uri": storage_uri,
+            json.dump({"step": int(step), "storage_uri": mask_secrets(storage_uri),
                        "projector": os.path.basename(projector_file)}, f, indent=2)
         ts = int(time.time() * 1000)
         self._submit_pending()
@@ -424,7 +442,7 @@ class RunTracker:
             self.client.log_batch(
                 self.run_id,
                 metrics=[Metric("checkpoint/step", float(step), ts, int(step))],
-                tags=[RunTag("adpretrain.checkpoint.latest", _truncate(storage_uri, MAX_TAG_VAL_LENGTH)),
+                tags=[RunTag("adpretrain.checkpoint.latest", _value(storage_uri, MAX_TAG_VAL_LENGTH)),
                       RunTag("adpretrain.checkpoint.latest_step", str(int(step)))],
             )
             self.client.log_artifacts(self.run_id, folder, f"checkpoints/step-{int(step):07d}")
@@ -442,7 +460,7 @@ class RunTracker:
         self._sync(lambda: self.client.log_text(self.run_id, text, name), f"text artifact {name}")
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        tag_objs = [RunTag(k, _truncate(str(v), MAX_TAG_VAL_LENGTH)) for k, v in tags.items()]
+        tag_objs = [RunTag(k, _value(v, MAX_TAG_VAL_LENGTH)) for k, v in tags.items()]
         self._writer.submit(lambda: self.client.log_batch(self.run_id, tags=tag_objs), "set tags")
 
     def _sync(self, fn: Callable[[], Any], what: str) -> None:
@@ -464,7 +482,7 @@ class RunTracker:
             raise UserError(f"{export_dir!r} is not an exported projector folder (spec.json is missing)")
         self.flush()
         c = self.client
-        version_tags = {**{k: _truncate(str(v), MAX_TAG_VAL_LENGTH) for k, v in tags.items()},
+        version_tags = {**{k: _value(v, MAX_TAG_VAL_LENGTH) for k, v in tags.items()},
                         "adpretrain.run_id": self.run_id}
         try:
             model = self.retry.call(
@@ -484,8 +502,8 @@ class RunTracker:
                                                description=f"projector of run {self.run_id}"),
                 "register model version")
         except MlflowException as e:
-            raise UserError(f"MLflow tracking store {self.uri}: cannot log and register the model "
-                            f"{registered_name!r}: {e.message}") from None
+            raise UserError(mask_secrets(f"MLflow tracking store {self.uri}: cannot log and register the model "
+                                         f"{registered_name!r}: {e.message}", self.uri)) from None
         log.info("registered %s version %s (run %s)", registered_name, mv.version, self.run_id)
         self._sync(lambda: c.set_tag(self.run_id, "adpretrain.registered_model", f"{registered_name}/{mv.version}"),
                    "tag registered version")
@@ -635,7 +653,8 @@ def select_champion(spec: TrackingSpec, version: str, metric_name: str, value: f
         client.set_model_version_tag(name, str(version), "adpretrain.selection", json.dumps(result))
         client.set_registered_model_alias(name, decision, str(version))
     except MlflowException as e:
-        raise UserError(f"model selection for {name} version {version} at {uri} failed: {e.message}") from None
+        raise UserError(mask_secrets(
+            f"model selection for {name} version {version} at {uri} failed: {e.message}", uri)) from None
     log.info("model selection on %s: %s v%s = %.6g vs champion %s = %s -> %s", metric_name, name, version, value,
              result["previous_champion"], champion_value, decision)
     if mv.run_id:
@@ -647,7 +666,8 @@ def select_champion(spec: TrackingSpec, version: str, metric_name: str, value: f
             client.log_batch(mv.run_id, metrics=metrics,
                              tags=[RunTag("adpretrain.selection", json.dumps(result))])
         except MlflowException as e:
-            log.warning("model selection: could not record the decision in run %s: %s", mv.run_id, e.message)
+            log.warning("model selection: could not record the decision in run %s: %s", mv.run_id,
+                        mask_secrets(e.message, uri))
     return result
 
 
@@ -676,7 +696,8 @@ def load_registered(model_uri: str, tracking_uri: str | None = None, cache_dir: 
         elif m:
             source = client.get_logged_model(m["name"]).artifact_location
     except MlflowException as e:
-        raise UserError(f"model {model_uri} not found in the registry at {uri}: {e.message}") from None
+        raise UserError(mask_secrets(f"model {model_uri} not found in the registry at {uri}: {e.message}",
+                                     uri)) from None
     cache = Path(cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "adpretrain", "models"))
     target = cache / key
     folder = target / "data" / MODEL_ARTIFACT
@@ -694,7 +715,7 @@ def load_registered(model_uri: str, tracking_uri: str | None = None, cache_dir: 
         except OSError:  # another process finished the same download first
             pass
     except (MlflowException, OSError) as e:
-        raise UserError(f"cannot download model {model_uri} from {uri}: {e}") from None
+        raise UserError(mask_secrets(f"cannot download model {model_uri} from {uri}: {e}", uri)) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(folder)
