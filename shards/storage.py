@@ -28,14 +28,20 @@ S3_READ_OPTIONS = {"block_size": 16 * 2**20, "cache_type": "readahead"}
 
 # scheme://user:password@host -> scheme://***@host, for every URL in a text; a password may
 # hold "/" (S3 secret keys do), so a URL with "@" in its path is masked too (more, never less)
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?:[^/\s@'\"]+:[^\s@'\"]*|[^/\s@'\"]+)@")
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/\s@'\"]+:[^\s@'\"]*|[^/\s@'\"]+)@")
 
 
-def mask_secrets(text: str) -> str:
-    """``text`` with the credentials of every URL in it replaced: ``http://***@host:5000``.
+def mask_secrets(text: str, *urls: str) -> str:
+    """``text`` with the credentials of every URL in it replaced: ``http://***@host:5000``; the
+    credentials of ``urls`` are also hidden where ``text`` quotes them without their scheme
+    (``Invalid bucket name "key:secret@bucket"``).
 
     For what is logged, shown or stored as a param, tag or artifact; connections use the URL itself.
     """
+    for url in urls:
+        m = _USERINFO.search(url)
+        if m:
+            text = text.replace(m["userinfo"], "***")
     return _USERINFO.sub(r"\g<scheme>***@", text)
 
 
@@ -57,7 +63,7 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     try:
         fs, path = fsspec.core.url_to_fs(url)
     except (ImportError, ValueError) as e:
-        raise StorageError(mask_secrets(f"cannot open storage URL {url!r}: {e}")) from None
+        raise StorageError(mask_secrets(f"cannot open storage URL {url!r}: {e}", url)) from None
     return fs, path
 
 
@@ -68,7 +74,8 @@ def _describe(url: str, e: BaseException) -> StorageError:
             " Check the endpoint (AWS_ENDPOINT_URL), the bucket name and the credentials "
             "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)."
         )
-    return StorageError(mask_secrets(f"storage error at {url!r}: {type(e).__name__}: {e}.{hint}"))
+    endpoint = os.environ.get("AWS_ENDPOINT_URL", "")
+    return StorageError(mask_secrets(f"storage error at {url!r}: {type(e).__name__}: {e}.{hint}", url, endpoint))
 
 
 @contextlib.contextmanager
@@ -234,7 +241,7 @@ def check_writable(url: str) -> None:
         while not os.path.exists(parent):
             parent = os.path.dirname(parent)
         if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-            raise StorageError(mask_secrets(f"cannot write to {url!r}: {parent!r} is not a writable folder"))
+            raise StorageError(mask_secrets(f"cannot write to {url!r}: {parent!r} is not a writable folder", url))
         if parent != os.path.abspath(path):
             return
     probe = join(url, f".write-probe-{uuid.uuid4().hex[:8]}")
@@ -242,7 +249,7 @@ def check_writable(url: str) -> None:
         write_bytes(probe, b"ok")
     except FileNotFoundError as e:
         raise StorageError(
-            mask_secrets(f"cannot write to {url!r}: {e}. Create the bucket (or folder), or fix the URL.")
+            mask_secrets(f"cannot write to {url!r}: {e}. Create the bucket (or folder), or fix the URL.", url)
         ) from None
     fs, path = filesystem(probe)
     with storage_errors(probe):
