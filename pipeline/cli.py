@@ -24,6 +24,11 @@ from shards.storage import mask_secrets
 log = logging.getLogger("adpretrain")
 
 
+def show(text: str, end: str = "\n") -> None:
+    """Print what a command reports, with the credentials of URLs masked."""
+    print(mask_secrets(text), end=end)
+
+
 def _config_command(sub, name: str, help: str, handler: Callable, extra: Callable | None = None) -> None:
     p = sub.add_parser(name, help=help, description=help)
     p.add_argument("config", help="YAML config (see configs/)")
@@ -37,7 +42,7 @@ def _cmd_build_shards(cfg, args) -> int:
     from shards.build import build_shards, summary_table
 
     manifest = build_shards(cfg, progress=True)
-    print(summary_table(manifest))
+    show(summary_table(manifest))
     return 0
 
 
@@ -45,7 +50,7 @@ def _cmd_refbank(cfg, args) -> int:
     from pipeline.stages import build_refbank
 
     out = build_refbank(cfg, progress=True)
-    print(f"reference bank: {out}")
+    show(f"reference bank: {out}")
     return 0
 
 
@@ -53,7 +58,7 @@ def _cmd_centers(cfg, args) -> int:
     from pipeline.stages import compute_centers
 
     out = compute_centers(cfg, progress=True)
-    print(f"centers: {out}")
+    show(f"centers: {out}")
     return 0
 
 
@@ -61,7 +66,7 @@ def _cmd_pretrain(cfg, args) -> int:
     from pipeline.launcher import pretrain
 
     result = pretrain(cfg)
-    print(result.describe())
+    show(result.describe())
     return 0
 
 
@@ -69,7 +74,7 @@ def _cmd_evaluate(cfg, args) -> int:
     from pipeline.evaluate.jobs import evaluate
 
     result = evaluate(cfg, model=args.model, checkpoint=args.checkpoint)
-    print(result.describe())
+    show(result.describe())
     return 0
 
 
@@ -83,7 +88,7 @@ def _cmd_run(cfg, args) -> int:
     from pipeline.run import run_chain
 
     result = run_chain(cfg)
-    print(result.describe())
+    show(result.describe())
     return 0
 
 
@@ -96,7 +101,7 @@ def _cmd_config(args) -> int:
         cfg = load_config(args.config, args.overrides)
         import yaml
 
-        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        show(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
     return 0
 
 

@@ -182,6 +182,9 @@ def test_unreachable_server_shows_no_secret(tmp_path: Path, monkeypatch, caplog,
     assert main(["pretrain", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert f"http://***@127.0.0.1:{port} unreachable" in err and SECRET not in err
+    assert main(["config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "url: s3://***@bucket/shards" in out and SECRET not in out
 
     # writes to a server that went away: retried, then dropped with a warning
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
