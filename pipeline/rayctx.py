@@ -62,6 +62,9 @@ def shutdown_local_ray(timeout: float = 10.0) -> None:
     SIGINT and SIGTERM are ignored meanwhile, so that a second Ctrl-C cannot cut the shutdown
     short. What ``ray.shutdown`` does not stop within ``timeout`` seconds is killed: the agents
     of a start-up that was interrupted are unknown to Ray.
+
+    A SIGKILLed process runs none of this: its raylet, gcs_server and workers die with it
+    (kernel fate sharing), but Ray's dashboard and runtime-env agents keep running until killed.
     """
     global _started_local
     if not _started_local:
