@@ -59,6 +59,12 @@ def run_dir(cfg: Config) -> str:
     return os.path.abspath(os.path.join(cfg.workdir, cfg.name))
 
 
+def _checkpoint_uri(path: str, storage_path: str) -> str:
+    """Ray reports a checkpoint on an object store without its scheme: give it back."""
+    scheme = storage_path.split("://", 1)[0] if storage.is_remote(storage_path) else ""
+    return f"{scheme}://{path}" if scheme and "://" not in path else path
+
+
 def _check_gpus(cfg: Config) -> None:
     """Before any work: a local Ray needs CUDA on this machine; a cluster needs a GPU per worker
     (its driver may run on a node without one)."""
@@ -149,7 +155,8 @@ def pretrain(cfg: Config, parent_run_id: str | None = None) -> PretrainResult:
     export_dir = os.path.join(run_dir(cfg), "export")
     with result.checkpoint.as_directory() as d:
         state = load_file(os.path.join(d, PROJECTOR_FILE))
-    provenance = {"run_id": tracker.run_id, "checkpoint": result.checkpoint.path, "train_digest": cfg.train_digest(), **tags}
+    checkpoint = _checkpoint_uri(result.checkpoint.path, storage_path)
+    provenance = {"run_id": tracker.run_id, "checkpoint": checkpoint, "train_digest": cfg.train_digest(), **tags}
     save_export(export_dir, state, centers, backbone, cfg.backbone, cfg.projector, provenance)
     version = tracker.log_model(export_dir, cfg.tracking.model_name,
                                 tags={"run_id": tracker.run_id, "data.manifest_sha256": tags["data.manifest_sha256"]})
@@ -161,7 +168,7 @@ def pretrain(cfg: Config, parent_run_id: str | None = None) -> PretrainResult:
         export_dir=export_dir,
         model_name=cfg.tracking.model_name,
         model_version=str(version),
-        checkpoint=result.checkpoint.path,
+        checkpoint=checkpoint,
         steps=int(result.metrics.get("step", cfg.train.steps)) if result.metrics else cfg.train.steps,
         metrics=dict(result.metrics or {}),
         tracking_uri=cfg.tracking.uri,
