@@ -7,6 +7,8 @@ import contextlib
 import logging
 import os
 import signal
+import subprocess
+import sys
 import threading
 
 from pipeline.config import RayInit
@@ -49,10 +51,19 @@ def init_ray(spec: RayInit) -> None:
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         _started_local = True  # before the start: an interrupted start is shut down as well
+        _start_reaper()
         ray.init(num_cpus=spec.num_cpus, include_dashboard=False)
         log.info("started a local Ray (%s CPUs)", ray.cluster_resources().get("CPU"))
     if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def _start_reaper() -> None:
+    """:mod:`pipeline.reaper` watches this process: whatever way it ends (SIGKILL, or an abort
+    inside Ray, included), what its local Ray left running is killed. In a session of its own,
+    so that a Ctrl-C at the terminal does not reach it."""
+    subprocess.Popen([sys.executable, "-m", "pipeline.reaper", str(os.getpid())], start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def shutdown_local_ray(timeout: float = 10.0) -> None:
@@ -63,8 +74,9 @@ def shutdown_local_ray(timeout: float = 10.0) -> None:
     short. What ``ray.shutdown`` does not stop within ``timeout`` seconds is killed: the agents
     of a start-up that was interrupted are unknown to Ray.
 
-    A SIGKILLed process runs none of this: its raylet, gcs_server and workers die with it
-    (kernel fate sharing), but Ray's dashboard and runtime-env agents keep running until killed.
+    A SIGKILLed process runs none of this: its raylet, gcs_server and workers die with it, and
+    the reaper started with the local Ray (:mod:`pipeline.reaper`) kills Ray's dashboard and
+    runtime-env agents, which would keep running.
     """
     global _started_local
     if not _started_local:

@@ -85,9 +85,13 @@ def _run_on_ray(todo: list[ShardPlan], url: str, cfg: Config, progress: bool) ->
                     raise type(cause)(str(cause)) from None
                 raise
             bar.update(len(plan.records))
-    finally:
+    except Exception:
+        # not on an interruption: the local Ray is shut down next, and a cancel racing the
+        # replies of finishing tasks can abort Ray's core worker
         for ref in pending:
             ray.cancel(ref)
+        raise
+    finally:
         bar.close()
     return results
 
