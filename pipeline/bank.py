@@ -45,9 +45,13 @@ class WorkerBank:
         if len(sizes) != 1:
             raise UserError(f"{self.where} holds groups of different sizes {sorted(sizes)}; "
                             "rebuild it (`adpretrain refbank CONFIG`)")
-        levels = [store.load(g) for g in self.groups]  # per group: per level (M, C, h, w) fp16
-        feats = [torch.stack([lv[i] for lv in levels]) for i in range(len(levels[0]))]  # (G, M, C, h, w)
-        feats = [f.permute(0, 1, 3, 4, 2).flatten(2, 3).contiguous() for f in feats]  # (G, M, h*w, C)
+        feats: list[Tensor] = []
+        for gi, group in enumerate(self.groups):  # one group in memory at a time besides the result
+            for lv, f in enumerate(store.load(group)):  # (M, C, h, w) fp16
+                if gi == 0:
+                    m, c, h, w = f.shape
+                    feats.append(torch.empty(len(self.groups), m, h * w, c, dtype=f.dtype))
+                feats[lv][gi] = f.permute(0, 2, 3, 1).flatten(1, 2)
         self.nbytes = sum(f.numel() * f.element_size() for f in feats)
         self.on_device = device.type == "cpu" or _fits_on_device(self.nbytes, device, memory_fraction)
         self.feats = [f.to(device) if self.on_device else f.pin_memory() for f in feats]

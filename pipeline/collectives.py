@@ -9,8 +9,8 @@ Callers keep their tensors on the compute device, so nothing is copied to reach 
 - :func:`sum_`, :func:`min_`: in-place all-reduce of a detached tensor;
 - :func:`gather_rows`: every rank's rows (with gradient back to their owners) and labels;
 - :class:`MetricWindow`: the loop's metrics summed on the device step after step, reduced
-  over ranks and read on the host once per window (``train.log_every`` steps), so the step
-  itself never waits for the device.
+  over ranks and read on the host once per window (``train.log_every`` steps), so reading
+  metrics never makes a step wait for the device.
 """
 
 from __future__ import annotations

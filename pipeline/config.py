@@ -142,10 +142,20 @@ class DataSpec(Strict):
 class DeepSpeedSpec(Strict):
     zero_stage: int = Field(1, ge=0, le=2)
     precision: Literal["bf16", "fp16", "fp32"] = Field(
-        "bf16", description="bf16/fp16: autocast over fp32 master weights (fp16 with dynamic loss scaling)"
+        "bf16", description="bf16/fp16: autocast over fp32 master weights (fp16: dynamic loss scaling, zero_stage 0)"
     )
     grad_clip: float = Field(1.0, ge=0)
     optimizer: Literal["adam", "lamb"] = "adam"
+
+    @model_validator(mode="after")
+    def _fp16_zero(self) -> "DeepSpeedSpec":
+        if self.precision == "fp16" and self.zero_stage > 0:
+            raise ValueError(
+                f"precision fp16 needs zero_stage: 0 (got {self.zero_stage}): DeepSpeed's ZeRO-1/2 optimizer "
+                "clips the fp16 gradients before it unscales them, so the update would see them 65536x too small; "
+                "use precision bf16 (the default), or zero_stage: 0 for fp16"
+            )
+        return self
 
 
 class TrainSpec(Strict):
@@ -165,7 +175,7 @@ class TrainSpec(Strict):
     checkpoint_every: int = Field(100, ge=1)
     storage: str = Field(description="Ray Train storage for checkpoints (path or s3://)")
     max_failures: int = Field(2, ge=0)
-    log_every: int = Field(1, ge=1, description="steps between metric reductions (the step never waits for the device otherwise)")
+    log_every: int = Field(1, ge=1, description="steps between metric reductions (metrics are read on the host only then)")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step (DeepSpeed gradient_accumulation_steps)")
     bank_memory_fraction: float = Field(
         0.5, gt=0, le=1, description="GPU: keep the reference bank on the device when it takes at most this share of free memory"

@@ -65,16 +65,30 @@ def _checkpoint_uri(path: str, storage_path: str) -> str:
     return f"{scheme}://{path}" if scheme and "://" not in path else path
 
 
+def run_name(cfg: Config, centers_url: str) -> str:
+    """One name for the Ray run and the MLflow run, from the training config and the data it
+    trains on (the centers' URL is keyed by the shard manifest and the bank's and centers'
+    settings): a rerun of the same training on the same data resumes both; changed settings
+    or rebuilt shards start both afresh."""
+    key = hashlib.sha256(f"{cfg.train_digest()}\n{centers_url}".encode()).hexdigest()[:10]
+    return f"{cfg.name}-{key}"
+
+
 def _check_gpus(cfg: Config) -> None:
     """Before any work: a local Ray needs CUDA on this machine; a cluster needs a GPU per worker
     (its driver may run on a node without one)."""
     import ray
 
-    from pipeline.devices import require_cuda
-    from pipeline.rayctx import init_ray
+    import torch
 
-    if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+    from pipeline.devices import require_cuda
+    from pipeline.rayctx import cluster_address, init_ray
+
+    if not cluster_address(cfg.ray):
         require_cuda(True, "train.use_gpu")
+        if torch.cuda.device_count() < cfg.train.num_workers:
+            raise UserError(f"train.use_gpu with train.num_workers={cfg.train.num_workers} needs that many GPUs, "
+                            f"but this machine has {torch.cuda.device_count()}; lower train.num_workers")
         return
     init_ray(cfg.ray)
     gpus = ray.cluster_resources().get("GPU", 0)
@@ -92,21 +106,19 @@ def pretrain(cfg: Config, parent_run_id: str | None = None) -> PretrainResult:
     from pipeline.export import PROJECTOR_FILE, save_export
     from pipeline.rayctx import init_ray
     from pipeline.residual import load_centers
-    from pipeline.stages import centers_url, compute_centers
+    from pipeline.stages import compute_centers, manifest_sha256, refbank_url
     from pipeline.tracking import RunTracker, ensure_store
     from pipeline.train import train_loop
-    from shards.build import read_manifest
 
     if cfg.train.use_gpu:
         _check_gpus(cfg)
     ensure_store(cfg.tracking)
     storage.check_writable(_storage_path(cfg.train.storage))
-    read_manifest(cfg.shards.url)  # a clear error when the shards are missing
-    manifest_sha = hashlib.sha256(storage.read_bytes(storage.join(cfg.shards.url, "manifest.json"))).hexdigest()
+    manifest_sha = manifest_sha256(cfg.shards.url)  # a clear error when the shards are missing
 
     backbone = build_backbone(cfg.backbone)
-    compute_centers(cfg, progress=True, backbone=backbone)  # builds the reference bank first if missing
-    centers, _ = load_centers(centers_url(cfg, backbone.id))
+    centers_at = compute_centers(cfg, progress=True, backbone=backbone)  # builds the reference bank first if missing
+    centers, _ = load_centers(centers_at)
 
     tags = {
         "git_commit": _git_commit(),
@@ -118,9 +130,7 @@ def pretrain(cfg: Config, parent_run_id: str | None = None) -> PretrainResult:
     }
     if backbone.random_weights:
         tags["warning"] = "RANDOM WEIGHTS: the backbone is not pretrained"
-    # One name for the Ray run and the MLflow run: a rerun of the same training resumes both;
-    # a changed training config starts both afresh.
-    ray_run = f"{cfg.name}-{cfg.train_digest()[:10]}"
+    ray_run = run_name(cfg, centers_at)
     tracker = RunTracker.start(cfg.tracking, cfg, run_name=ray_run, tags=tags, parent_run_id=parent_run_id)
 
     init_ray(cfg.ray)
@@ -128,7 +138,8 @@ def pretrain(cfg: Config, parent_run_id: str | None = None) -> PretrainResult:
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg.to_dict(), "run_id": tracker.run_id,
-                           "storage_uri": storage.join(storage_path, ray_run)},
+                           "storage_uri": storage.join(storage_path, ray_run),
+                           "refbank_url": refbank_url(cfg, backbone.id), "centers_url": centers_at},
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,
@@ -156,7 +167,8 @@ def pretrain(cfg: Config, parent_run_id: str | None = None) -> PretrainResult:
     with result.checkpoint.as_directory() as d:
         state = load_file(os.path.join(d, PROJECTOR_FILE))
     checkpoint = _checkpoint_uri(result.checkpoint.path, storage_path)
-    provenance = {"run_id": tracker.run_id, "checkpoint": checkpoint, "train_digest": cfg.train_digest(), **tags}
+    provenance = {"run_id": tracker.run_id, "run_name": ray_run, "checkpoint": checkpoint,
+                  "train_digest": cfg.train_digest(), **tags}
     save_export(export_dir, state, centers, backbone, cfg.backbone, cfg.projector, provenance)
     version = tracker.log_model(export_dir, cfg.tracking.model_name,
                                 tags={"run_id": tracker.run_id, "data.manifest_sha256": tags["data.manifest_sha256"]})

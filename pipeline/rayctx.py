@@ -18,6 +18,12 @@ from shards.storage import mask_secrets
 log = logging.getLogger(__name__)
 
 _started_local = False  # this process started the local Ray it is connected to
+_reaper: subprocess.Popen | None = None  # the watcher of a local Ray (pipeline.reaper)
+
+
+def cluster_address(spec: RayInit) -> str | None:
+    """The Ray cluster a stage joins (``ray.address``, else RAY_ADDRESS); None: it starts a local Ray."""
+    return spec.address or os.environ.get("RAY_ADDRESS")
 
 
 def init_ray(spec: RayInit) -> None:
@@ -37,7 +43,7 @@ def init_ray(spec: RayInit) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    address = spec.address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(spec)
     on_sigterm = signal.getsignal(signal.SIGTERM)
     if address:
         try:
@@ -62,8 +68,18 @@ def _start_reaper() -> None:
     """:mod:`pipeline.reaper` watches this process: whatever way it ends (SIGKILL, or an abort
     inside Ray, included), what its local Ray left running is killed. In a session of its own,
     so that a Ctrl-C at the terminal does not reach it."""
-    subprocess.Popen([sys.executable, "-m", "pipeline.reaper", str(os.getpid())], start_new_session=True,
-                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    global _reaper
+    _reaper = subprocess.Popen([sys.executable, "-m", "pipeline.reaper", str(os.getpid())], start_new_session=True,
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _stop_reaper() -> None:
+    """The local Ray is down: its watcher has nothing left to do."""
+    global _reaper
+    if _reaper is not None:
+        _reaper.terminate()
+        _reaper.wait()
+        _reaper = None
 
 
 def shutdown_local_ray(timeout: float = 10.0) -> None:
@@ -87,7 +103,8 @@ def shutdown_local_ray(timeout: float = 10.0) -> None:
     main = threading.current_thread() is threading.main_thread()
     held = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
-        spawned = psutil.Process().children(recursive=True)
+        reaper = _reaper.pid if _reaper is not None else None
+        spawned = [p for p in psutil.Process().children(recursive=True) if p.pid != reaper]
         ray.shutdown()
         _, alive = psutil.wait_procs(spawned, timeout=timeout)
         for p in alive:
@@ -95,6 +112,7 @@ def shutdown_local_ray(timeout: float = 10.0) -> None:
                 log.warning("killing %s (pid %d), left running after the Ray shutdown", p.name(), p.pid)
                 p.kill()
         _started_local = False
+        _stop_reaper()
     finally:
         for s, handler in held.items():
             signal.signal(s, handler)

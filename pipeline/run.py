@@ -70,16 +70,16 @@ def _synth_missing(cfg: Config) -> str:
     return f"generated {', '.join(made)}" if made else "skipped (roots exist)"
 
 
-def _export_matches(cfg: Config) -> bool:
-    """A finished, registered export of this very config exists."""
-    from pipeline.launcher import run_dir
+def _export_matches(cfg: Config, centers_url: str) -> bool:
+    """A finished, registered export of this very config, trained on these data, exists."""
+    from pipeline.launcher import run_dir, run_name
 
     folder = os.path.join(run_dir(cfg), "export")
     try:
         with open(os.path.join(folder, "spec.json")) as f:
             spec = json.load(f)
         return os.path.isfile(os.path.join(folder, "registered.json")) and \
-            spec["provenance"].get("train_digest") == cfg.train_digest()
+            spec["provenance"].get("run_name") == run_name(cfg, centers_url)
     except (OSError, KeyError, ValueError):
         return False
 
@@ -101,7 +101,7 @@ def run_chain(cfg: Config) -> ChainResult:
             return fn
         return deco
 
-    backbone = {}
+    made: dict = {}  # what later stages take from earlier ones: the backbone, the centers' URL
 
     @stage("data")
     def _data() -> str:
@@ -115,16 +115,17 @@ def run_chain(cfg: Config) -> ChainResult:
 
     @stage("refbank")
     def _refbank() -> str:
-        backbone["b"] = build_backbone(cfg.backbone)
-        return build_refbank(cfg, progress=True, backbone=backbone["b"])
+        made["backbone"] = build_backbone(cfg.backbone)
+        return build_refbank(cfg, progress=True, backbone=made["backbone"])
 
     @stage("centers")
     def _centers() -> str:
-        return compute_centers(cfg, progress=True, backbone=backbone["b"])
+        made["centers"] = compute_centers(cfg, progress=True, backbone=made["backbone"])
+        return made["centers"]
 
     @stage("pretrain")
     def _pretrain() -> str:
-        if _export_matches(cfg):
+        if _export_matches(cfg, made["centers"]):
             return "skipped (a registered export of this config exists)"
         result.pretrain = pretrain(cfg)
         return f"model version {result.pretrain.model_version}"

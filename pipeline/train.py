@@ -180,7 +180,11 @@ def _resume(engine) -> int:
 def build_engine(cfg: Config, projector: torch.nn.Module, world: int):
     """The projector as a DeepSpeed engine (+ its lr scheduler), with the safe checkpoint reader."""
     import deepspeed
+    from deepspeed.runtime import torch_autocast
 
+    # DeepSpeed keeps the autocast dtype of the first engine with autocast in module globals and
+    # never clears them: a later engine of this process (tests, benchmarks) would inherit it
+    torch_autocast.TORCH_AUTOCAST_INITIALIZED, torch_autocast.TORCH_AUTOCAST_DTYPE = False, None
     optimizer = None
     if cfg.train.deepspeed.optimizer == "adam":
         # torch Adam: L2 weight decay as in the method (DeepSpeed's "Adam" would run AdamW)
@@ -209,7 +213,6 @@ def train_loop(loop_config: dict) -> None:
     from pipeline.devices import train_device
     from pipeline.projector import Projector
     from pipeline.residual import RefBankStore, load_centers
-    from pipeline.stages import centers_url, refbank_url
     from pipeline.tracking import RunTracker
 
     cfg = validate(loop_config["cfg"])
@@ -221,9 +224,9 @@ def train_loop(loop_config: dict) -> None:
     torch.manual_seed(cfg.seed)
 
     backbone = build_backbone(cfg.backbone).to(device)
-    bank = WorkerBank(RefBankStore(refbank_url(cfg, backbone.id), cache_groups=1), device,
-                      cfg.train.bank_memory_fraction)
-    centers = [c.to(device) for c in load_centers(centers_url(cfg, backbone.id))[0]]
+    # the driver's bank and centers: a restarted worker keeps them even if the shards change meanwhile
+    bank = WorkerBank(RefBankStore(loop_config["refbank_url"], cache_groups=1), device, cfg.train.bank_memory_fraction)
+    centers = [c.to(device) for c in load_centers(loop_config["centers_url"], backbone.id)[0]]
     projector = Projector.from_spec(backbone.widths, cfg.projector).to(device)
     engine, scheduler = build_engine(cfg, projector, world)
     start = _resume(engine)

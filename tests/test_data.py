@@ -441,7 +441,7 @@ def test_deepspeed_config_sections(tmp_path):
     assert bf16["train_batch_size"] == 64 and bf16["train_micro_batch_size_per_gpu"] == 16
     assert bf16["zero_optimization"] == {"stage": 2} and bf16["gradient_clipping"] == 0.5
     assert bf16["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and "bf16" not in bf16
-    fp16 = ds(precision="fp16")
+    fp16 = ds(precision="fp16", zero_stage=0)
     assert fp16["torch_autocast"] == {"enabled": True, "dtype": "float16"} and "fp16" not in fp16  # no model cast
     lamb = ds(optimizer="lamb")
     assert lamb["optimizer"]["type"] == "Lamb" and lamb["optimizer"]["params"]["lr"] == 1e-4

@@ -116,6 +116,15 @@ def test_use_gpu_without_cuda_fails_before_ray_starts(monkeypatch):
         launcher.pretrain(ci_config(use_gpu=True))
 
 
+def test_use_gpu_needs_a_gpu_per_worker_on_a_local_ray(monkeypatch, eight_gpus):
+    from pipeline import launcher
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError, match="num_workers=2 needs that many GPUs, but this machine has 1"):
+        launcher.pretrain(ci_config(use_gpu=True))
+
+
 @pytest.mark.parametrize("fits", [True, False])
 def test_every_tensor_and_module_of_the_step_lands_on_cuda_5(worker_at_local_rank_5, monkeypatch, tmp_path, fits):
     from pipeline.backbone import build_backbone

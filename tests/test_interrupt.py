@@ -162,3 +162,14 @@ def test_a_sigkilled_driver_leaves_nothing_running(build: Build):
     assert rc == -signal.SIGKILL
     # raylet, gcs_server and the workers die with the driver; the reaper kills Ray's agents
     assert build.left_after(30) == {}, f"left running after a SIGKILL: {build.alive()}"
+
+
+def test_a_finished_build_stops_its_ray_and_reaper_at_once(build: Build):
+    deadline = time.time() + 300
+    while build.proc.poll() is None and time.time() < deadline:
+        build.record()
+        time.sleep(0.1)
+    out = build.output()
+    assert build.proc.wait(timeout=1) == 0, out
+    assert "left running after the Ray shutdown" not in out, out  # nothing, the reaper included, outlived ray.shutdown
+    assert build.left_after(REAPER_S) == {}, f"left running: {build.alive()}"

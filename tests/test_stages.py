@@ -181,6 +181,9 @@ def test_bank_and_centers_are_recomputed_when_the_shards_change_and_skipped_when
     new_c_url = compute_centers(cfg, backbone=backbone)
     new_b_url = refbank_url(cfg, backbone.id)
     assert new_c_url != c_url and new_b_url != b_url
+    # the pretraining run trains on the new data: a run of its own, not a resume of the old one
+    from pipeline.launcher import run_name
+    assert run_name(cfg, new_c_url) != run_name(cfg, c_url) and run_name(cfg, c_url) == run_name(cfg, c_url)
     new_centers, new_meta = load_centers(new_c_url)
     assert new_meta["inputs"]["refbank"]["manifest_sha256"] == manifest_sha256(cfg.shards.url)
     assert new_meta["inputs"] != old_meta["inputs"]

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline.config import validate
+from pipeline.config import ConfigError, validate
 from pipeline.errors import UserError
 from pipeline.projector import Projector
 from pipeline.train import CKPT_TAG, build_engine, deepspeed_config, lr_factor
@@ -53,7 +53,7 @@ def state(engine) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
 
 
-@pytest.mark.parametrize("precision,zero", [("bf16", 1), ("fp16", 1), ("fp16", 0), ("fp32", 2)])
+@pytest.mark.parametrize("precision,zero", [("bf16", 1), ("bf16", 2), ("fp16", 0), ("fp32", 2)])
 def test_every_precision_trains_and_resumes_from_its_checkpoint(gloo_world, tmp_path, precision, zero):
     cfg = config(lr=1e-2, deepspeed={"precision": precision, "zero_stage": zero})
     engine, _ = build_engine(cfg, projector(), 1)
@@ -75,10 +75,38 @@ def test_every_precision_trains_and_resumes_from_its_checkpoint(gloo_world, tmp_
 
 
 def test_fp16_uses_autocast_with_dynamic_loss_scaling():
-    ds = deepspeed_config(config(deepspeed={"precision": "fp16"}), 2)
+    ds = deepspeed_config(config(deepspeed={"precision": "fp16", "zero_stage": 0}), 2)
     assert ds["torch_autocast"] == {"enabled": True, "dtype": "float16"}
     assert "fp16" not in ds  # DeepSpeed's fp16 section would cast the projector to half
     assert "torch_autocast" not in deepspeed_config(config(deepspeed={"precision": "fp32"}), 2)
+    with pytest.raises(ConfigError, match="precision fp16 needs zero_stage: 0"):
+        config(deepspeed={"precision": "fp16", "zero_stage": 1})
+
+
+def _gradient_norms(monkeypatch, cfg, steps: int = 3) -> list[float]:
+    """The gradient norm the optimizer sees at each step (after loss scaling is undone)."""
+    seen, step = [], torch.optim.Adam.step
+
+    def recording(self, *a, **k):
+        seen.append(float(torch.linalg.vector_norm(torch.stack([
+            p.grad.float().norm() for g in self.param_groups for p in g["params"] if p.grad is not None]))))
+        return step(self, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.optim.Adam, "step", recording)
+        engine, _ = build_engine(cfg, projector(), 1)
+        train_steps(engine, steps)
+    return seen
+
+
+@pytest.mark.parametrize("precision,zero", [("fp16", 0), ("bf16", 1), ("bf16", 2)])
+def test_the_optimizer_sees_the_true_gradient_in_mixed_precision(gloo_world, monkeypatch, precision, zero):
+    """Loss scaling and clipping leave the optimizer the fp32 gradient (to autocast's rounding)."""
+    settings = {"zero_stage": zero, "grad_clip": 100.0}
+    want = _gradient_norms(monkeypatch, config(lr=1e-3, deepspeed={"precision": "fp32", **settings}))
+    got = _gradient_norms(monkeypatch, config(lr=1e-3, deepspeed={"precision": precision, **settings}))
+    assert len(got) == len(want) == 3
+    assert got == pytest.approx(want, rel=0.05), (got, want)
 
 
 def test_gradient_accumulation_updates_once_per_optimizer_step(gloo_world):

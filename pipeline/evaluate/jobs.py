@@ -58,6 +58,8 @@ import torch
 from pipeline import devices
 from pipeline.config import KINDS, Config, EvalSpec, SourceSpec
 from pipeline.errors import DataError, UserError
+from pipeline.rayctx import cluster_address
+from shards.storage import mask_secrets
 from pipeline.evaluate.patchcore import one_thread
 
 log = logging.getLogger(__name__)
@@ -181,7 +183,7 @@ def decode_shard(url: str, count: int, size: int) -> ShardImages:
 
     keys, classes, splits, labels, has_mask, images, masks = [], [], [], [], [], [], []
     with one_thread():
-        for d in iter_decoded([url], size, strict=True):
+        for d in iter_decoded([url], size, strict=True, expect={url: count}):
             keys.append(d.key)
             classes.append(str(d.meta["class"]))
             splits.append(str(d.meta["split"]))
@@ -189,9 +191,6 @@ def decode_shard(url: str, count: int, size: int) -> ShardImages:
             has_mask.append(bool(d.meta.get("has_mask", False)))
             images.append(d.image.mul(255.0).round_().to(torch.uint8).numpy())
             masks.append(d.mask.numpy())
-    if len(keys) != count:
-        raise DataError(f"shard {url} holds {len(keys)} readable samples but the manifest lists {count}: it is "
-                        "truncated or corrupt. Delete it and rerun `adpretrain build-shards CONFIG` to rewrite it")
     return ShardImages(
         keys, classes, splits, np.asarray(labels, dtype=np.int8), np.asarray(has_mask, dtype=bool),
         np.stack(images) if images else np.zeros((0, 3, size, size), np.uint8),
@@ -595,7 +594,7 @@ def resolve_model(cfg: Config, model: str | None, checkpoint: str | None) -> Mod
                 mv = (client.get_model_version_by_alias(m["name"], m["alias"]) if m["alias"]
                       else client.get_model_version(m["name"], m["version"]))
             except MlflowException as e:
-                raise UserError(f"model {model} not found in the registry at {uri}: {e.message}") from None
+                raise UserError(mask_secrets(f"model {model} not found in the registry at {uri}: {e.message}")) from None
             name, version = m["name"], str(mv.version)
         label = f"{model} (version {version})" if m and m["alias"] else model
         return ModelRef(folder, label, name, version)
@@ -750,7 +749,8 @@ def _parent_run(cfg: Config, spec: dict) -> str | None:
     try:
         MlflowClient(tracking_uri=uri).get_run(run_id)
     except MlflowException:
-        log.warning("pretraining run %s of the model is not in %s: the evaluation run has no parent", run_id, uri)
+        log.warning("pretraining run %s of the model is not in %s: the evaluation run has no parent", run_id,
+                    mask_secrets(uri))
         return None
     return run_id
 
@@ -775,7 +775,8 @@ def evaluate(cfg: Config, model: str | None = None, checkpoint: str | None = Non
 
     if not cfg.eval.methods or not cfg.eval.kinds:
         raise UserError(f"eval.methods {list(cfg.eval.methods)} and eval.kinds {list(cfg.eval.kinds)} must not be empty")
-    devices.require_cuda(cfg.eval.device == "cuda", "eval.device")
+    if not (parallel and cluster_address(cfg.ray)):  # a cluster's GPUs are checked there (task_resources)
+        devices.require_cuda(cfg.eval.device == "cuda", "eval.device")
     srcs = _select_sources(cfg, sources)
     has_val = any(s.split == "val" for s in srcs)
     if has_val:
