@@ -69,7 +69,7 @@ from torch import Tensor, nn  # noqa: E402
 from torch.utils.data import DataLoader, Dataset, Sampler  # noqa: E402
 
 from pipeline.config import Config, ConfigError, load_config  # noqa: E402
-from pipeline.errors import UserError  # noqa: E402
+from shards.errors import UserError  # noqa: E402
 from pipeline.transforms import (  # noqa: E402
     PhotometricViews,
     decode_image,

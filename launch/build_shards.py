@@ -16,7 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline.config import ConfigError, load_config  # noqa: E402
-from pipeline.errors import UserError  # noqa: E402
+from shards.errors import UserError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.config import BackboneSpec, WeightsFile, WeightsPackage
-from pipeline.errors import UserError
+from shards.errors import UserError
 from shards import storage
 
 log = logging.getLogger(__name__)

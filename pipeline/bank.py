@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from pipeline.devices import to_device
-from pipeline.errors import UserError
+from shards.errors import UserError
 from pipeline.residual import RefBankStore, pick_references
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ import sys
 from typing import Callable
 
 from pipeline.config import ConfigError, load_config
-from pipeline.errors import UserError
+from shards.errors import UserError
 from pipeline.rayctx import shutdown_local_ray
 from shards.storage import mask_secrets
 

@@ -27,7 +27,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import Config
-from pipeline.errors import DataError
+from shards.errors import DataError
 from pipeline.transforms import (
     PhotometricViews,
     decode_image,

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from pipeline.errors import UserError
+from shards.errors import UserError
 
 CPU = torch.device("cpu")
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline import devices
 from pipeline.config import BackboneSpec, ProjectorSpec
-from pipeline.errors import UserError
+from shards.errors import UserError
 
 SPEC_FILE = "spec.json"
 PROJECTOR_FILE = "projector.safetensors"

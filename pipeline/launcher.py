@@ -14,7 +14,7 @@ import subprocess
 from dataclasses import dataclass, field
 
 from pipeline.config import Config
-from pipeline.errors import UserError
+from shards.errors import UserError
 from shards import storage
 
 log = logging.getLogger(__name__)

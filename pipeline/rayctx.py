@@ -12,7 +12,7 @@ import sys
 import threading
 
 from pipeline.config import RayInit
-from pipeline.errors import UserError
+from shards.errors import UserError
 from shards.storage import mask_secrets
 
 log = logging.getLogger(__name__)

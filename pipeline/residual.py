@@ -28,7 +28,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
-from pipeline.errors import DataError, UserError
+from shards.errors import DataError, UserError
 from shards import storage
 
 log = logging.getLogger(__name__)

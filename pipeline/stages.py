@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.config import Config
-from pipeline.errors import DataError, UserError
+from shards.errors import DataError, UserError
 from shards import storage
 
 log = logging.getLogger(__name__)
@@ -252,6 +252,7 @@ def compute_centers(cfg: Config, progress: bool = False, backbone=None, tasks: i
     import ray
 
     from pipeline.backbone import build_backbone
+    from pipeline.fanout import fan_out
     from pipeline.rayctx import init_ray
     from pipeline.residual import CenterAccumulator, save_centers
     from shards.build import read_manifest
@@ -274,18 +275,13 @@ def compute_centers(cfg: Config, progress: bool = False, backbone=None, tasks: i
                         "start the Ray nodes with GPUs (`ray start --num-gpus N`) or set train.use_gpu=false")
     n_tasks = max(1, min(len(urls), tasks or slots))
     task = ray.remote(num_cpus=1, num_gpus=gpus)(_centers_task)
-    refs = [task.remote(cfg.to_dict(), {u: shards[u] for u in urls[i::n_tasks]}, quotas, bank) for i in range(n_tasks)]
+    cfg_ref = ray.put(cfg.to_dict())
+    parts = fan_out(range(n_tasks), lambda i: task.remote(cfg_ref, {u: shards[u] for u in urls[i::n_tasks]}, quotas, bank),
+                    limit=n_tasks, desc="centers", progress=progress)
     best: dict[str, list] = defaultdict(list)
-    try:
-        for part in tqdm((ray.get(r) for r in refs), total=len(refs), desc="centers", disable=not progress):
-            for g, cands in part.items():
-                best[g] = sorted(best[g] + cands, key=lambda c: c[0])[: quotas[g]]
-    except ray.exceptions.RayTaskError as e:
-        for r in refs:
-            ray.cancel(r)
-        if isinstance(e.cause, UserError):
-            raise e.cause from None
-        raise
+    for part in parts:
+        for g, cands in part.items():
+            best[g] = sorted(best[g] + cands, key=lambda c: c[0])[: quotas[g]]
     short = {g: f"{len(best[g])} of {q}" for g, q in quotas.items() if len(best[g]) < q}
     if short:
         raise DataError(f"the shards under {cfg.shards.url} hold fewer normal images than their manifest counts "

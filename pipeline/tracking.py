@@ -49,7 +49,7 @@ from mlflow.utils.validation import (
 )
 
 from pipeline.config import Config, TrackingSpec
-from pipeline.errors import UserError
+from shards.errors import UserError
 from shards.storage import mask_secrets
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from pipeline.config import Config, validate
 from pipeline.devices import to_device
-from pipeline.errors import UserError
+from shards.errors import UserError
 from pipeline.export import PROJECTOR_FILE
 
 log = logging.getLogger(__name__)

@@ -21,11 +21,11 @@ import re
 import shutil
 import tempfile
 import time
-from collections import Counter, defaultdict, deque
+from collections import Counter, defaultdict
 from typing import Any
 
 from pipeline.config import Config, ShardsSpec, SourceSpec
-from pipeline.errors import DataError, UserError
+from shards.errors import DataError
 from shards import storage
 from shards.sources import SourceScan, scan_source
 from shards.writer import ShardPlan, committed, is_temporary, plan_stream, write_shard
@@ -62,38 +62,14 @@ def _folders(scans: list[SourceScan]) -> list[str]:
 def _run_on_ray(todo: list[ShardPlan], url: str, cfg: Config, progress: bool) -> dict[str, dict]:
     """Write the shards as Ray tasks, at most ``shards.tasks`` at once; sidecars by shard path."""
     import ray
-    from tqdm import tqdm
+
+    from pipeline.fanout import fan_out
 
     task = ray.remote(num_cpus=1)(write_shard)
     limit = cfg.shards.tasks or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    bar = tqdm(total=sum(len(p.records) for p in todo), unit="img", desc="build-shards", disable=not progress)
-    results: dict[str, dict] = {}
-    pending: dict[Any, ShardPlan] = {}
-    queue = deque(todo)
-    try:
-        while queue or pending:
-            while queue and len(pending) < limit:
-                plan = queue.popleft()
-                pending[task.remote(plan, url)] = plan
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            plan = pending.pop(ready[0])
-            try:
-                results[plan.path] = ray.get(ready[0])
-            except ray.exceptions.RayTaskError as e:
-                cause = getattr(e, "cause", None)
-                if isinstance(cause, UserError):
-                    raise type(cause)(str(cause)) from None
-                raise
-            bar.update(len(plan.records))
-    except Exception:
-        # not on an interruption: the local Ray is shut down next, and a cancel racing the
-        # replies of finishing tasks can abort Ray's core worker
-        for ref in pending:
-            ray.cancel(ref)
-        raise
-    finally:
-        bar.close()
-    return results
+    sidecars = fan_out(todo, lambda plan: task.remote(plan, url), limit=limit, desc="build-shards", unit="img",
+                       weight=lambda plan: len(plan.records), progress=progress)
+    return {plan.path: sidecar for plan, sidecar in zip(todo, sidecars)}
 
 
 def _clean(url: str, scans: list[SourceScan], plans: list[ShardPlan]) -> None:

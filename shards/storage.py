@@ -18,7 +18,7 @@ from typing import Iterator
 
 import fsspec
 
-from pipeline.errors import StorageError
+from shards.errors import StorageError
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ import numpy as np
 import tifffile
 from tqdm import tqdm
 
-from pipeline.errors import StorageError, UserError
+from shards.errors import StorageError, UserError
 from shards.synth_render import (
     CLASSES,
     DEFECT_TYPES,

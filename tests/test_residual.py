@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from pipeline.errors import DataError, UserError
+from shards.errors import DataError, UserError
 from pipeline.residual import (
     CenterAccumulator,
     RefBankStore,

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 from pipeline.cli import main
 from pipeline.config import TrackingSpec, load_config
-from pipeline.errors import StorageError, UserError
+from shards.errors import StorageError, UserError
 from pipeline.tracking import Retry, RunTracker, ensure_store
 from shards import storage
 from shards.storage import mask_secrets

@@ -24,7 +24,7 @@ import yaml
 from PIL import Image
 
 from pipeline.config import load_config
-from pipeline.errors import DataError, StorageError
+from shards.errors import DataError, StorageError
 from shards import storage
 from shards.build import build_shards, read_manifest, shard_urls, summary_table
 from shards.record import SampleRecord

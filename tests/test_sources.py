@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from pipeline.config import SourceSpec
-from pipeline.errors import DataError
+from shards.errors import DataError
 from shards.record import BadInput, SampleRecord, check_image, check_mask, load_sample, make_key, read_inputs
 from shards.sources import scan_source
 from shards.synth import generate

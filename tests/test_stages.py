@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from pipeline.config import Config, load_config
-from pipeline.errors import DataError
+from shards.errors import DataError
 
 SIZE = 56
 GROUPS = {"a/c0/-": 10, "a/c1/-": 5, "b/c0/-": 3}  # normal images per (source, class, view)
@@ -248,7 +248,7 @@ def test_a_corrupt_shard_of_the_right_size_stops_the_stages(built, backbone, sta
 
 
 def test_centers_on_gpus_need_a_cluster_with_gpus(built, backbone):
-    from pipeline.errors import UserError
+    from shards.errors import UserError
     from pipeline.stages import compute_centers
 
     cfg = config(Path(built.shards.url).parent, "train.use_gpu=true")  # the local Ray of the tests has none

@@ -14,7 +14,7 @@ import pytest
 import tifffile
 
 from pipeline.cli import main
-from pipeline.errors import UserError
+from shards.errors import UserError
 from shards import synth
 from shards.synth_render import (
     AREA_MAX,

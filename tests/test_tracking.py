@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import save_file
 
 from pipeline.config import TrackingSpec, load_config
-from pipeline.errors import UserError
+from shards.errors import UserError
 from pipeline.tracking import (
     RunTracker,
     Retry,

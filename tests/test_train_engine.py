@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from pipeline.config import ConfigError, validate
-from pipeline.errors import UserError
+from shards.errors import UserError
 from pipeline.projector import Projector
 from pipeline.train import CKPT_TAG, build_engine, deepspeed_config, lr_factor
 

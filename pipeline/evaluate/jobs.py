@@ -57,7 +57,7 @@ import torch
 
 from pipeline import devices
 from pipeline.config import KINDS, Config, EvalSpec, SourceSpec
-from pipeline.errors import DataError, UserError
+from shards.errors import DataError, UserError
 from pipeline.rayctx import cluster_address
 from shards.storage import mask_secrets
 from pipeline.evaluate.patchcore import one_thread
@@ -521,41 +521,37 @@ def cell_task(use_gpu: bool, method: str, kind: str, spec: EvalSpec,
 
 def _run_ray(cfg: Config, blob: ExportBlob, work: Work, size: int,
              progress: bool) -> tuple[list[ClassInfo], list[Cell]]:
+    """One item of work per class: its features task and its cells, each source's shards
+    decoded once by tasks of their own; at most one class per task slot in flight."""
     import ray
-    from tqdm import tqdm
 
+    from pipeline.fanout import fan_out
     from pipeline.rayctx import init_ray
 
     init_ray(cfg.ray)
-    use_gpu, resources = task_resources(cfg.eval, ray.cluster_resources().get("GPU", 0))
+    gpus = ray.cluster_resources().get("GPU", 0)
+    use_gpu, resources = task_resources(cfg.eval, gpus)
     log.info("evaluation tasks on %s (each asks Ray for %s)", "GPUs" if use_gpu else "CPUs", resources)
     kinds, methods = list(cfg.eval.kinds), list(cfg.eval.methods)
     decode = ray.remote(num_cpus=1)(decode_shard)
     features = ray.remote(num_returns=len(kinds) + 1, **resources)(features_task)
     cell = ray.remote(**resources)(cell_task)
     blob_ref, spec_ref = ray.put(blob), ray.put(cfg.eval)
-    info_refs, cell_refs = [], []
-    for _, shards_of, plans in work:
-        shard_refs = [decode.remote(u, n, size) for u, n in shards_of]
-        for plan in plans:
-            *kind_refs, info_ref = features.remote(use_gpu, blob_ref, plan, kinds, *shard_refs)
-            info_refs.append(info_ref)
-            for kind, kref in zip(kinds, kind_refs):
-                cell_refs += [cell.remote(use_gpu, method, kind, spec_ref, kref, info_ref) for method in methods]
-    try:
-        pending = list(cell_refs)
-        with tqdm(total=len(cell_refs), desc="evaluate", unit="job", disable=not progress) as bar:
-            while pending:
-                ready, pending = ray.wait(pending, num_returns=1)
-                ray.get(ready)  # raise the first failure now
-                bar.update(len(ready))
-        return ray.get(info_refs), ray.get(cell_refs)
-    except ray.exceptions.RayTaskError as e:
-        for r in cell_refs + info_refs:
-            ray.cancel(r, force=False)
-        if isinstance(e.cause, UserError):
-            raise e.cause from None
-        raise
+    decoded: dict[str, list] = {}  # source -> refs of its decoded shards, submitted with its first class
+
+    def submit(item: tuple[str, list[tuple[str, int]], ClassPlan]) -> list:
+        source, shards_of, plan = item
+        if source not in decoded:
+            decoded[source] = [decode.remote(u, n, size) for u, n in shards_of]
+        *kind_refs, info_ref = features.remote(use_gpu, blob_ref, plan, kinds, *decoded[source])
+        return [info_ref] + [cell.remote(use_gpu, method, kind, spec_ref, kref, info_ref)
+                             for kind, kref in zip(kinds, kind_refs) for method in methods]
+
+    items = [(src.name, shards_of, plan) for src, shards_of, plans in work for plan in plans]
+    slots = gpus if use_gpu else ray.cluster_resources().get("CPU", 1)
+    done = fan_out(items, submit, limit=int(slots), desc="evaluate", unit="job",
+                   weight=lambda _: len(kinds) * len(methods), progress=progress)
+    return [d[0] for d in done], [c for d in done for c in d[1:]]
 
 
 # ----------------------------------------------------------------------------- the model

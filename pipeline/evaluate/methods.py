@@ -7,7 +7,7 @@ from typing import Protocol, runtime_checkable
 from torch import Tensor
 
 from pipeline.config import METHODS, EvalSpec
-from pipeline.errors import UserError
+from shards.errors import UserError
 from pipeline.evaluate.featurenorm import FeatureNorm
 from pipeline.evaluate.padim import PaDiM
 from pipeline.evaluate.patchcore import PatchCore

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from types import ModuleType
 
 from pipeline.config import SourceSpec
-from pipeline.errors import DataError
+from shards.errors import DataError
 from shards.record import Quarantined, SampleRecord
 from shards.sources import btad, folder, mvtec, mvtec3d, realiad, visa
 from shards.sources.common import Listing, list_root, to_records

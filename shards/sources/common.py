@@ -20,7 +20,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from pipeline.config import SourceSpec
-from pipeline.errors import DataError
+from shards.errors import DataError
 from shards import storage
 from shards.record import Quarantined, SampleRecord, file_kind, image_ext, make_key
 

@@ -17,7 +17,7 @@ import json
 import posixpath
 import re
 
-from pipeline.errors import DataError
+from shards.errors import DataError
 from shards import storage
 from shards.sources.common import Candidate, Found, Listing, empty_class
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import csv
 import io
 
-from pipeline.errors import DataError
+from shards.errors import DataError
 from shards import storage
 from shards.sources.common import Candidate, Found, Listing, empty_class
 
