@@ -70,7 +70,8 @@ def main() -> None:
     from pipeline.config import load_config
     from pipeline.data import decode_sample, iter_decoded
     from shards import storage
-    from shards.build import build_shards, shard_urls
+    from shards.build import build_shards
+    from shards.manifest import shard_urls
     from shards.sources import scan_source
     from shards.synth import generate
 

@@ -429,7 +429,7 @@ def main() -> int:
 def run(args: argparse.Namespace, work: Path) -> int:
     from pipeline.residual import RefBankStore, load_centers
     from pipeline.bank import WorkerBank
-    from pipeline.stages import centers_url, refbank_url
+    from pipeline.paths import centers_url, refbank_url
     from shards.sources import scan_source
 
     cfg = bench_config(args.config, work, args)

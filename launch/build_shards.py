@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
-        from shards.build import build_shards, summary_table
+        from shards.build import build_shards
+        from shards.manifest import summary_table
 
         cfg = load_config(args.config, args.overrides)
         manifest = build_shards(cfg, progress=not args.no_progress)

@@ -39,7 +39,8 @@ def _config_command(sub, name: str, help: str, handler: Callable, extra: Callabl
 
 
 def _cmd_build_shards(cfg, args) -> int:
-    from shards.build import build_shards, summary_table
+    from shards.build import build_shards
+    from shards.manifest import summary_table
 
     manifest = build_shards(cfg, progress=True)
     show(summary_table(manifest))

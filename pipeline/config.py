@@ -16,61 +16,16 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-LAYOUTS = ("realiad", "mvtec", "mpdd", "visa", "btad", "mvtec3d", "folder")
-SPLITS = ("pretrain", "val", "eval")
+from shards.spec import ShardsSpec, SourceSpec, Strict
+
 METHODS = ("featurenorm", "patchcore", "padim")
 KINDS = ("raw", "residual", "pretrained")
 
 
 class ConfigError(ValueError):
     """A config that cannot run. The message says what, where and how to fix it."""
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class SynthSpec(Strict):
-    """Generate synthetic data into the source's root when the root does not exist yet."""
-
-    classes: Union[int, list[str]] = Field(4, description="number of classes, or class names (synth_*)")
-    normal: int = Field(20, ge=1, description="normal images per class (per view in realiad)")
-    abnormal: int = Field(10, ge=0, description="abnormal images per class")
-    size: int = Field(256, ge=32, le=4096, description="image side in pixels")
-    views: int = Field(5, ge=1, le=5, description="camera views (realiad layout only)")
-    seed: int = 0
-
-
-class SourceSpec(Strict):
-    name: str = Field(description="identifier used in shard paths and keys ([a-z0-9_-])")
-    layout: Literal[LAYOUTS] = Field(description="on-disk layout of the dataset")
-    root: str = Field(description="dataset root: local path or fsspec URL (s3://bucket/prefix)")
-    split: Literal[SPLITS] = Field(description="pretrain, val (model selection) or eval (reported)")
-    classes: Union[Literal["all"], list[str]] = Field("all", description="'all' or a list of class names")
-    weight: float = Field(1.0, gt=0, description="sampling weight when mixing pretraining sources")
-    masks: Literal["auto", "none"] = Field(
-        "auto", description="'none' for image-level-only data: abnormal samples carry no mask"
-    )
-    synth: SynthSpec | None = Field(None, description="generate synthetic data here if root is missing")
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", v):
-            raise ValueError(f"{v!r} must match [a-z0-9][a-z0-9_-]* (used in paths and sample keys)")
-        return v
-
-
-class ShardsSpec(Strict):
-    url: str = Field(description="where shards, manifest, reference bank and centers go (path or s3://)")
-    max_samples_per_shard: int = Field(1000, ge=1)
-    max_bytes_per_shard: int = Field(1_000_000_000, ge=1_000_000)
-    max_quarantine_fraction: float = Field(
-        0.05, ge=0, le=1, description="a source with more quarantined inputs fails the build"
-    )
-    tasks: int | None = Field(None, ge=1, description="Ray tasks at once (default: cluster CPUs)")
 
 
 class WeightsFile(Strict):
@@ -425,6 +380,6 @@ def _model_of(ann: Any) -> type[BaseModel] | None:
 
 
 def _type_name(ann: Any) -> str:
-    s = str(ann).replace("typing.", "").replace("pipeline.config.", "")
+    s = str(ann).replace("typing.", "").replace("pipeline.config.", "").replace("shards.spec.", "")
     s = re.sub(r"<class '([\w.]+)'>", r"\1", s)
     return s.replace("|", "\\|")

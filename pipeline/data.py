@@ -9,15 +9,16 @@ Corrupt samples and unreadable shards are skipped with a warning and counted in 
 (``skipped``); a stream that skips more than ``data.max_skip_fraction`` of what it reads
 stops the run. The stages that build from the shards once (reference bank, centers) read
 them with ``strict=True`` instead: the first unreadable shard is an error.
-Every reader first checks the shards' sizes against the manifest (:func:`check_shard_sizes`).
+Every reader first checks the shards' sizes against the manifest (:func:`shards.manifest.check_shard_sizes`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -37,14 +38,18 @@ from pipeline.transforms import (
     normalize,
     patch_labels,
 )
-from shards import storage
-from shards.build import read_manifest, shard_urls
+from shards.manifest import check_shard_sizes, read_manifest, shard_urls
 from shards.storage import register_webdataset_schemes
 
 register_webdataset_schemes()
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "bmp", "tif", "tiff")
+
+
+def rank_key(seed: int, key: str) -> int:
+    """Seeded hash of a sample key: orders samples independently of shard order."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big")
 
 
 def group_of(meta: dict) -> str:
@@ -71,30 +76,6 @@ def decode_sample(sample: dict, size: int) -> Decoded:
     if mask is not None and mask.shape != img.shape[:2]:
         raise ValueError(f"mask {mask.shape} and image {img.shape[:2]} differ in size")
     return Decoded(sample["__key__"], image_to_tensor(img, size), mask_to_tensor(mask, size), meta)
-
-
-def check_shard_sizes(manifest: dict, base_url: str, urls: list[str]) -> None:
-    """Every shard of ``urls`` (under ``base_url``) is present with the size ``manifest`` gives it;
-    else one DataError naming the shards that differ. One listing per shard folder."""
-    expected = {storage.join(base_url, s["path"]): s.get("bytes") for s in manifest["shards"]}
-    names: dict[str, list[str]] = defaultdict(list)
-    for url in urls:
-        folder, _, name = url.rpartition("/")
-        names[folder].append(name)
-    bad = []
-    for folder, wanted in names.items():
-        sizes = storage.list_sizes(folder)
-        for name in wanted:
-            url, got = f"{folder}/{name}", sizes.get(name)
-            if url not in expected:
-                bad.append(f"{url} (not in the manifest)")
-            elif got != expected[url]:
-                bad.append(f"{url} ({'missing' if got is None else f'{got} bytes'}, the manifest says {expected[url]})")
-    if bad:
-        raise DataError(
-            f"{len(bad)} shard(s) under {base_url} differ from the manifest: {'; '.join(bad[:10])}"
-            f"{' ...' if len(bad) > 10 else ''}. Rerun `adpretrain build-shards CONFIG` to rewrite them"
-        )
 
 
 def iter_decoded(urls: list[str], size: int, *, seed: int | None = None, shuffle: int = 0,

@@ -6,7 +6,6 @@ the running Ray cluster when there is one (RAY_ADDRESS / ray.address), else star
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -15,6 +14,7 @@ from dataclasses import dataclass, field
 
 from pipeline.config import Config
 from shards.errors import UserError
+from pipeline.paths import export_dir, run_name, train_storage
 from shards import storage
 
 log = logging.getLogger(__name__)
@@ -51,27 +51,10 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def _storage_path(url: str) -> str:
-    return url if storage.is_remote(url) else os.path.abspath(url)
-
-
-def run_dir(cfg: Config) -> str:
-    return os.path.abspath(os.path.join(cfg.workdir, cfg.name))
-
-
 def _checkpoint_uri(path: str, storage_path: str) -> str:
     """Ray reports a checkpoint on an object store without its scheme: give it back."""
     scheme = storage_path.split("://", 1)[0] if storage.is_remote(storage_path) else ""
     return f"{scheme}://{path}" if scheme and "://" not in path else path
-
-
-def run_name(cfg: Config, centers_url: str) -> str:
-    """One name for the Ray run and the MLflow run, from the training config and the data it
-    trains on (the centers' URL is keyed by the shard manifest and the bank's and centers'
-    settings): a rerun of the same training on the same data resumes both; changed settings
-    or rebuilt shards start both afresh."""
-    key = hashlib.sha256(f"{cfg.train_digest()}\n{centers_url}".encode()).hexdigest()[:10]
-    return f"{cfg.name}-{key}"
 
 
 def _check_gpus(cfg: Config) -> None:
@@ -106,14 +89,16 @@ def pretrain(cfg: Config, parent_run_id: str | None = None) -> PretrainResult:
     from pipeline.export import PROJECTOR_FILE, save_export
     from pipeline.rayctx import init_ray
     from pipeline.residual import load_centers
-    from pipeline.stages import compute_centers, manifest_sha256, refbank_url
+    from pipeline.stages import compute_centers
+    from pipeline.paths import refbank_url
+    from shards.manifest import manifest_sha256
     from pipeline.tracking import RunTracker, ensure_store
     from pipeline.train import train_loop
 
     if cfg.train.use_gpu:
         _check_gpus(cfg)
     ensure_store(cfg.tracking)
-    storage.check_writable(_storage_path(cfg.train.storage))
+    storage.check_writable(train_storage(cfg))
     manifest_sha = manifest_sha256(cfg.shards.url)  # a clear error when the shards are missing
 
     backbone = build_backbone(cfg.backbone)
@@ -134,7 +119,7 @@ def pretrain(cfg: Config, parent_run_id: str | None = None) -> PretrainResult:
     tracker = RunTracker.start(cfg.tracking, cfg, run_name=ray_run, tags=tags, parent_run_id=parent_run_id)
 
     init_ray(cfg.ray)
-    storage_path = _storage_path(cfg.train.storage)
+    storage_path = train_storage(cfg)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg.to_dict(), "run_id": tracker.run_id,
@@ -163,21 +148,21 @@ def pretrain(cfg: Config, parent_run_id: str | None = None) -> PretrainResult:
         tracker.end("FAILED")
         raise UserError(f"pretraining run {cfg.name!r} produced no checkpoint")
 
-    export_dir = os.path.join(run_dir(cfg), "export")
+    folder = export_dir(cfg)
     with result.checkpoint.as_directory() as d:
         state = load_file(os.path.join(d, PROJECTOR_FILE))
     checkpoint = _checkpoint_uri(result.checkpoint.path, storage_path)
     provenance = {"run_id": tracker.run_id, "run_name": ray_run, "checkpoint": checkpoint,
                   "train_digest": cfg.train_digest(), **tags}
-    save_export(export_dir, state, centers, backbone, cfg.backbone, cfg.projector, provenance)
-    version = tracker.log_model(export_dir, cfg.tracking.model_name,
+    save_export(folder, state, centers, backbone, cfg.backbone, cfg.projector, provenance)
+    version = tracker.log_model(folder, cfg.tracking.model_name,
                                 tags={"run_id": tracker.run_id, "data.manifest_sha256": tags["data.manifest_sha256"]})
-    with open(os.path.join(export_dir, "registered.json"), "w") as f:
+    with open(os.path.join(folder, "registered.json"), "w") as f:
         json.dump({"name": cfg.tracking.model_name, "version": str(version)}, f)
     tracker.end("FINISHED")
     return PretrainResult(
         run_id=tracker.run_id,
-        export_dir=export_dir,
+        export_dir=folder,
         model_name=cfg.tracking.model_name,
         model_version=str(version),
         checkpoint=checkpoint,

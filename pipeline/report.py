@@ -114,14 +114,14 @@ def _pictures(eval_dir: str, dest: str) -> dict[str, list[str]]:
 def write_report(cfg: Config, chain) -> str:
     """Write ``{workdir}/{name}/report/report.html``; log the folder to the pretraining run."""
     from pipeline.export import read_spec
-    from pipeline.launcher import run_dir
+    from pipeline.paths import export_dir, report_dir
     from pipeline.tracking import RunTracker
-    from shards.build import summary_table
+    from shards.manifest import summary_table
 
-    folder = os.path.join(run_dir(cfg), "report")
+    folder = report_dir(cfg)
     shutil.rmtree(folder, ignore_errors=True)
     os.makedirs(folder)
-    spec = read_spec(os.path.join(run_dir(cfg), "export"))
+    spec = read_spec(export_dir(cfg))
     run_id = spec["provenance"]["run_id"]
     ev = chain.evaluation
     parts = [f"<h1>adpretrain run <code>{_esc(cfg.name)}</code></h1>",

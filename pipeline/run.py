@@ -32,7 +32,7 @@ class ChainResult:
     report: str | None = None
 
     def describe(self) -> str:
-        from shards.build import summary_table
+        from shards.manifest import summary_table
 
         lines = ["", "== stages =="]
         width = max(len(s) for s, _, _ in self.timings)
@@ -72,9 +72,9 @@ def _synth_missing(cfg: Config) -> str:
 
 def _export_matches(cfg: Config, centers_url: str) -> bool:
     """A finished, registered export of this very config, trained on these data, exists."""
-    from pipeline.launcher import run_dir, run_name
+    from pipeline.paths import export_dir, run_name
 
-    folder = os.path.join(run_dir(cfg), "export")
+    folder = export_dir(cfg)
     try:
         with open(os.path.join(folder, "spec.json")) as f:
             spec = json.load(f)

@@ -24,17 +24,16 @@ import time
 from collections import Counter, defaultdict
 from typing import Any
 
-from pipeline.config import Config, ShardsSpec, SourceSpec
+from pipeline.config import Config
+from shards.spec import ShardsSpec, SourceSpec
 from shards.errors import DataError
 from shards import storage
+from shards.manifest import BUILD_INFO, MANIFEST, MANIFEST_FORMAT
 from shards.sources import SourceScan, scan_source
 from shards.writer import ShardPlan, committed, is_temporary, plan_stream, write_shard
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-BUILD_INFO = "build-info.json"
-MANIFEST_FORMAT = "adpretrain-manifest/1"
 _SHARD_NAME = re.compile(r"shard-\d{6}\.tar(\.json)?$")
 
 
@@ -353,77 +352,3 @@ def build_shards(cfg: Config, progress: bool = False) -> dict[str, Any]:
     else:
         log.info("%s is up to date: nothing to write", manifest_url)
     return {**manifest, "build": info}
-
-
-def read_manifest(url: str) -> dict[str, Any]:
-    """The manifest of the shards under ``url``; DataError when there is none."""
-    murl = storage.join(url, MANIFEST)
-    try:
-        text = storage.read_text(murl)
-    except FileNotFoundError:
-        raise DataError(f"no shards at {url!r} ({MANIFEST} is missing): run `adpretrain build-shards CONFIG`") from None
-    try:
-        manifest = json.loads(text)
-    except ValueError as e:
-        raise DataError(f"{murl!r} is not valid JSON ({e}): run `adpretrain build-shards CONFIG` again") from None
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise DataError(f"{murl!r} has format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}: rebuild it")
-    return manifest
-
-
-def shard_urls(
-    manifest: dict,
-    url: str,
-    *,
-    source: str | None = None,
-    split: str | None = None,
-    stream: str | None = None,
-) -> list[str]:
-    """Full URLs of the committed shards matching the filters, in manifest order.
-
-    Abnormal shards of a pretraining source with ``masks: none`` are never returned for
-    split "pretrain": the training streams leave them out (the manifest counts them as
-    ``excluded_from_training``). Empty selections are returned as [].
-    """
-    out = []
-    for s in manifest["shards"]:
-        if (source and s["source"] != source) or (split and s["split"] != split) or (stream and s["stream"] != stream):
-            continue
-        if s["split"] == "pretrain" and s["masks"] is False:
-            continue
-        out.append(storage.join(url, s["path"]))
-    return out
-
-
-def summary_table(manifest: dict) -> str:
-    """Per source and class: normal, abnormal, quarantined, MB; totals, the count of every input file, images/s."""
-    head = ("source", "class", "normal", "abnormal", "quarantined", "MB")
-    rows = []
-    for name, src in sorted(manifest["sources"].items()):
-        for cls, c in sorted(src["classes"].items()):
-            rows.append((name, cls, c["normal"], c["abnormal"], c["quarantined"], f"{c['bytes'] / 1e6:.1f}"))
-    t = manifest["totals"]
-    mb = sum(c["bytes"] for src in manifest["sources"].values() for c in src["classes"].values()) / 1e6
-    rows.append(("total", "", t["normal"], t["abnormal"], t["quarantined"], f"{mb:.1f}"))
-    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
-
-    def line(r) -> str:
-        return "  ".join(str(v).ljust(w) if i < 2 else str(v).rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
-
-    out = [line(head), "  ".join("-" * w for w in widths)] + [line(r) for r in rows[:-1]]
-    out += ["  ".join("-" * w for w in widths), line(rows[-1])]
-    out.append(
-        f"{t['shards']} shards ({t['bytes'] / 1e6:.1f} MB); files under the source roots: "
-        f"{t['inputs']} inputs = {t['written']} written + {t['quarantined']} quarantined + {t['ignored']} ignored "
-        f"(written: {t['normal'] + t['abnormal']} images, {t['masks']} masks)"
-    )
-    if t["excluded_from_training"]:
-        out.append(f"{t['excluded_from_training']} abnormal samples without masks are left out of the training streams")
-    build = manifest.get("build")
-    if build:
-        speed = f", {build['images_per_s']:.0f} images/s" if build.get("images_per_s") else ""
-        out.append(
-            f"this run: {build['shards_written']} shards written, {build['shards_kept']} kept, "
-            f"{build['seconds']:.1f} s{speed}"
-        )
-    return "\n".join(out)

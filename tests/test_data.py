@@ -24,11 +24,12 @@ import torch
 from PIL import Image
 
 from pipeline.config import Config, load_config
-from pipeline.data import MixedBatches, StreamPlan, check_shard_sizes, iter_decoded, train_loader
+from pipeline.data import MixedBatches, StreamPlan, iter_decoded, train_loader
+from shards.manifest import check_shard_sizes
 from shards.errors import DataError
 from pipeline.train import choose_k, deepspeed_config, lr_factor
 from pipeline.transforms import patch_labels
-from shards.build import MANIFEST_FORMAT
+from shards.manifest import MANIFEST_FORMAT
 
 SIZE = 56  # image side: a 4 x 4 grid of 14 x 14 cells
 GRID = 4

@@ -62,7 +62,7 @@ def setup(tmp_path_factory, ray_local):
     """Shards of three eval/val sources, a pretraining run in MLflow, and its export."""
     from pipeline.backbone import build_backbone
     from pipeline.export import save_export
-    from pipeline.launcher import run_dir
+    from pipeline.paths import export_dir
     from pipeline.projector import Projector
     from pipeline.tracking import RunTracker, ensure_store
     from shards.build import build_shards
@@ -78,7 +78,7 @@ def setup(tmp_path_factory, ray_local):
     with torch.random.fork_rng():
         torch.manual_seed(0)
         projector = Projector.from_spec(backbone.widths, cfg.projector)
-    export = os.path.join(run_dir(cfg), "export")
+    export = export_dir(cfg)
     save_export(export, projector.state_dict(), [torch.zeros(w) for w in backbone.widths], backbone,
                 cfg.backbone, cfg.projector, {"run_id": pre.run_id})
     path = os.path.join(tmp, "config.yaml")
@@ -255,7 +255,7 @@ def test_unreadable_shards_stop_the_evaluation(setup, tmp_path):
     import tarfile
 
     from pipeline.evaluate.jobs import decode_shard
-    from shards.build import read_manifest
+    from shards.manifest import read_manifest
 
     url = str(tmp_path / "shards")
     shutil.copytree(setup.cfg.shards.url, url)

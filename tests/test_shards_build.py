@@ -26,7 +26,8 @@ from PIL import Image
 from pipeline.config import load_config
 from shards.errors import DataError, StorageError
 from shards import storage
-from shards.build import build_shards, read_manifest, shard_urls, summary_table
+from shards.build import build_shards
+from shards.manifest import read_manifest, shard_urls, summary_table
 from shards.record import SampleRecord
 from shards.sources import scan_source
 from shards.synth import generate

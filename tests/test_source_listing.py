@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from pipeline.config import load_config
-from shards.build import build_shards, summary_table
+from shards.build import build_shards
+from shards.manifest import summary_table
 from shards.record import BadInput, load_sample, read_inputs
 from shards.sources import scan_source
 from test_sources import folder_from_mvtec, spec, synth

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.config import SourceSpec
+from shards.spec import SourceSpec
 from shards.errors import DataError
 from shards.record import BadInput, SampleRecord, check_image, check_mask, load_sample, make_key, read_inputs
 from shards.sources import scan_source

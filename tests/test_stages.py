@@ -105,9 +105,10 @@ def float64_centers(cfg: Config, backbone, sample: dict[str, list[str]], bank_ur
     with the references the stage draws for each image."""
     from pipeline.data import iter_decoded
     from pipeline.residual import RefBankStore
-    from pipeline.stages import _pretrain_normal_shards, _rank_key
+    from pipeline.data import rank_key
+    from pipeline.stages import _pretrain_normal_shards
     from pipeline.transforms import normalize
-    from shards.build import read_manifest
+    from shards.manifest import read_manifest
 
     store = RefBankStore(bank_url)
     group = {k: g for g, keys in sample.items() for k in keys}
@@ -117,7 +118,7 @@ def float64_centers(cfg: Config, backbone, sample: dict[str, list[str]], bank_ur
         if d.key not in group:
             continue
         feats = backbone(normalize(d.image, backbone.mean, backbone.std)[None])
-        refs = store.draw(group[d.key], cfg.centers.k, torch.Generator().manual_seed(_rank_key(cfg.seed, f"refs:{d.key}")),
+        refs = store.draw(group[d.key], cfg.centers.k, torch.Generator().manual_seed(rank_key(cfg.seed, f"refs:{d.key}")),
                           exclude=d.key)
         for lv, (f, ref) in enumerate(zip(feats, refs)):
             q = f[0].double().flatten(1).T  # (patches, C)
@@ -130,9 +131,10 @@ def float64_centers(cfg: Config, backbone, sample: dict[str, list[str]], bank_ur
 
 def test_centers_sample_covers_every_group_the_same_for_any_number_of_tasks(built, backbone):
     from pipeline.residual import RefBankStore, load_centers
-    from pipeline.stages import centers_quotas, compute_centers, refbank_url
+    from pipeline.stages import centers_quotas, compute_centers
+    from pipeline.paths import refbank_url
     from shards import storage
-    from shards.build import read_manifest
+    from shards.manifest import read_manifest
 
     cfg = built
     assert centers_quotas(cfg, read_manifest(cfg.shards.url)) == QUOTAS
@@ -157,7 +159,9 @@ def test_centers_sample_covers_every_group_the_same_for_any_number_of_tasks(buil
 
 def test_bank_and_centers_are_recomputed_when_the_shards_change_and_skipped_when_not(built, backbone, caplog):
     from pipeline.residual import RefBankStore, load_centers
-    from pipeline.stages import centers_url, compute_centers, manifest_sha256, refbank_url
+    from pipeline.stages import compute_centers
+    from pipeline.paths import centers_url, refbank_url
+    from shards.manifest import manifest_sha256
     from shards.build import build_shards
 
     cfg = built
@@ -182,7 +186,7 @@ def test_bank_and_centers_are_recomputed_when_the_shards_change_and_skipped_when
     new_b_url = refbank_url(cfg, backbone.id)
     assert new_c_url != c_url and new_b_url != b_url
     # the pretraining run trains on the new data: a run of its own, not a resume of the old one
-    from pipeline.launcher import run_name
+    from pipeline.paths import run_name
     assert run_name(cfg, new_c_url) != run_name(cfg, c_url) and run_name(cfg, c_url) == run_name(cfg, c_url)
     new_centers, new_meta = load_centers(new_c_url)
     assert new_meta["inputs"]["refbank"]["manifest_sha256"] == manifest_sha256(cfg.shards.url)

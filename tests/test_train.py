@@ -21,7 +21,7 @@ def test_the_step_overfits_a_fixed_batch(prepared, tmp_path):
     from pipeline.data import MixedBatches, StreamPlan
     from pipeline.projector import Projector
     from pipeline.residual import RefBankStore, load_centers
-    from pipeline.stages import centers_url, refbank_url
+    from pipeline.paths import centers_url, refbank_url
     from pipeline.train import Step
 
     cfg = ci_config(prepared, tmp_path)

@@ -56,7 +56,9 @@ import numpy as np
 import torch
 
 from pipeline import devices
-from pipeline.config import KINDS, Config, EvalSpec, SourceSpec
+from pipeline.config import KINDS, Config, EvalSpec
+from pipeline.data import rank_key
+from shards.spec import SourceSpec
 from shards.errors import DataError, UserError
 from pipeline.rayctx import cluster_address
 from shards.storage import mask_secrets
@@ -196,11 +198,6 @@ def decode_shard(url: str, count: int, size: int) -> ShardImages:
         np.stack(images) if images else np.zeros((0, 3, size, size), np.uint8),
         np.stack(masks) if masks else np.zeros((0, size, size), bool),
     )
-
-
-def rank_key(seed: int, key: str) -> int:
-    """Seeded hash of a sample key: orders samples independently of shard order."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big")
 
 
 @dataclass(frozen=True)
@@ -570,7 +567,7 @@ _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<ve
 
 def resolve_model(cfg: Config, model: str | None, checkpoint: str | None) -> ModelRef:
     """The export folder to evaluate: a registry URI, an export folder, or the config's own run."""
-    from pipeline.launcher import run_dir
+    from pipeline.paths import export_dir
 
     if model and checkpoint:
         raise UserError("pass either a model URI or a checkpoint folder, not both")
@@ -594,7 +591,7 @@ def resolve_model(cfg: Config, model: str | None, checkpoint: str | None) -> Mod
             name, version = m["name"], str(mv.version)
         label = f"{model} (version {version})" if m and m["alias"] else model
         return ModelRef(folder, label, name, version)
-    folder = checkpoint or os.path.join(run_dir(cfg), "export")
+    folder = checkpoint or export_dir(cfg)
     if not os.path.isfile(os.path.join(folder, "spec.json")):
         if checkpoint:
             raise UserError(f"--checkpoint {checkpoint!r} is not an exported projector folder (no spec.json there)")
@@ -762,12 +759,12 @@ def evaluate(cfg: Config, model: str | None = None, checkpoint: str | None = Non
     alias of a registered version (computed on val sources only). ``parallel``: Ray tasks,
     else the same computation in-process.
     """
-    from pipeline.data import check_shard_sizes
+    from shards.manifest import check_shard_sizes
     from pipeline.export import read_spec
-    from pipeline.launcher import run_dir
+    from pipeline.paths import eval_dir
     from pipeline.tracking import ensure_store, select_champion
     from shards import storage
-    from shards.build import read_manifest, shard_urls
+    from shards.manifest import read_manifest, shard_urls
 
     if not cfg.eval.methods or not cfg.eval.kinds:
         raise UserError(f"eval.methods {list(cfg.eval.methods)} and eval.kinds {list(cfg.eval.kinds)} must not be empty")
@@ -820,7 +817,7 @@ def evaluate(cfg: Config, model: str | None = None, checkpoint: str | None = Non
             if decide:
                 selection.update(select_champion(cfg.tracking, ref.version, cfg.eval.selection_metric, value))
 
-    out_dir = os.path.join(run_dir(cfg), cfg.eval.out)
+    out_dir = eval_dir(cfg)
     files = _write_outputs(out_dir, rows, infos, cells, cfg, ref, spec, selection)
     run_id, uri = _log_run(cfg, ref, spec, rows, selection, out_dir)
     return EvalResult(rows=rows, out_dir=out_dir, files=files, references={f"{i.source}/{i.cls}": i.refs for i in infos},

@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass
 from types import ModuleType
 
-from pipeline.config import SourceSpec
+from shards.spec import SourceSpec
 from shards.errors import DataError
 from shards.record import Quarantined, SampleRecord
 from shards.sources import btad, folder, mvtec, mvtec3d, realiad, visa

@@ -19,7 +19,7 @@ import stat
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from pipeline.config import SourceSpec
+from shards.spec import SourceSpec
 from shards.errors import DataError
 from shards import storage
 from shards.record import Quarantined, SampleRecord, file_kind, image_ext, make_key

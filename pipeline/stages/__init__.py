@@ -1,3 +1,43 @@
+"""The stages of the chain, one module each, written one way.
+
+    data -> shards -> refbank -> centers -> pretrain -> evaluate -> report
+
+A stage module has
+
+    NAME                       its name in `adpretrain run`'s table
+    done(cfg, ctx) -> bool     its output is present and current (keyed by what it is computed from)
+    run(cfg, ctx, **options)   writes its output and returns what it wrote
+    summary(written) -> str    one line about what it wrote
+
+``ctx`` (:class:`Context`) is what the stages of one invocation share: whether to show
+progress, the frozen backbone (built once, on first use) and what earlier stages wrote.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Context:
+    """What the stages of one invocation share."""
+
+    progress: bool = False
+    outputs: dict[str, Any] = field(default_factory=dict)  # what each stage wrote, by NAME
+    _backbones: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def backbone(self, spec):
+        """The frozen backbone of ``spec`` (a BackboneSpec), built on first use, then shared."""
+        key = spec.model_dump_json()
+        if key not in self._backbones:
+            from pipeline.backbone import build_backbone
+
+            self._backbones[key] = build_backbone(spec)
+        return self._backbones[key]
+
+
+# ---- the old pipeline/stages.py, moved out into refbank.py and centers.py ----
 """The reference-bank and centers stages (METHOD.md §2), between shards and pretraining.
 
 Reference bank: for every (source, class, view) of the pretraining shards, a fixed,
@@ -21,10 +61,7 @@ never reused stale. Both stages check the shards' sizes against the manifest and
 first shard they cannot read.
 """
 
-from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -34,63 +71,26 @@ import torch
 from tqdm import tqdm
 
 from pipeline.config import Config
+from pipeline.data import rank_key
 from shards.errors import DataError, UserError
 from shards import storage
+from pipeline.paths import centers_inputs, centers_url, refbank_inputs, refbank_url
 
 log = logging.getLogger(__name__)
 
 BATCH = 16  # images per backbone call
 
 
-def manifest_sha256(url: str) -> str:
-    """sha256 of the bytes of the shard manifest under ``url``."""
-    from shards.build import MANIFEST, read_manifest
-
-    read_manifest(url)  # a clear error when there are no shards
-    return hashlib.sha256(storage.read_bytes(storage.join(url, MANIFEST))).hexdigest()
-
-
-def refbank_inputs(cfg: Config, backbone_id: str) -> dict:
-    """What the reference bank is computed from."""
-    return {"manifest_sha256": manifest_sha256(cfg.shards.url), "backbone_id": backbone_id,
-            "bf16": cfg.backbone.bf16, "per_group": cfg.refbank.per_group, "seed": cfg.refbank.seed}
-
-
-def centers_inputs(cfg: Config, backbone_id: str) -> dict:
-    """What the centers are computed from (the reference bank's inputs among them)."""
-    return {"refbank": refbank_inputs(cfg, backbone_id), "k": cfg.centers.k,
-            "max_images": cfg.centers.max_images, "seed": cfg.seed}
-
-
-def _digest(inputs: dict) -> str:
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def refbank_url(cfg: Config, backbone_id: str) -> str:
-    return storage.join(cfg.shards.url, "refbank", f"{backbone_id}-{_digest(refbank_inputs(cfg, backbone_id))}")
-
-
-def centers_url(cfg: Config, backbone_id: str) -> str:
-    name = f"{backbone_id}-{_digest(centers_inputs(cfg, backbone_id))}.safetensors"
-    return storage.join(cfg.shards.url, "centers", name)
-
-
-def _rank_key(seed: int, key: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big")
-
-
 def _pretrain_normal_shards(cfg: Config, manifest: dict) -> dict[str, int]:
     """URL -> sample count of the normal pretraining shards, checked against the manifest's sizes."""
-    from pipeline.data import check_shard_sizes
-    from shards.build import shard_urls
+    from shards.manifest import check_shard_sizes, shard_counts
 
-    urls = [u for s in cfg.sources_with("pretrain")
-            for u in shard_urls(manifest, cfg.shards.url, source=s.name, split="pretrain", stream="normal")]
-    if not urls:
+    counts = {u: n for s in cfg.sources_with("pretrain")
+              for u, n in shard_counts(manifest, cfg.shards.url, source=s.name, split="pretrain", stream="normal").items()}
+    if not counts:
         raise DataError(f"no normal pretraining shards under {cfg.shards.url}: run `adpretrain build-shards` first")
-    check_shard_sizes(manifest, cfg.shards.url, urls)
-    counts = {storage.join(cfg.shards.url, s["path"]): s["count"] for s in manifest["shards"]}
-    return {u: counts[u] for u in urls}
+    check_shard_sizes(manifest, cfg.shards.url, list(counts))
+    return counts
 
 
 def _encode(backbone, images: list[torch.Tensor], batch: int = BATCH) -> list[torch.Tensor]:
@@ -109,7 +109,7 @@ def build_refbank(cfg: Config, progress: bool = False, backbone=None) -> str:
     from pipeline.data import group_of, iter_decoded
     from pipeline.residual import RefBankStore
     from pipeline.transforms import normalize
-    from shards.build import read_manifest
+    from shards.manifest import read_manifest
 
     backbone = backbone or build_backbone(cfg.backbone)
     url = refbank_url(cfg, backbone.id)
@@ -123,12 +123,12 @@ def build_refbank(cfg: Config, progress: bool = False, backbone=None) -> str:
 
     def want(key: str, meta: dict) -> bool:  # decode only images that enter their group's M smallest
         g = chosen[group_of(meta)]
-        return len(g) < m or _rank_key(seed, key) < g[-1][0]
+        return len(g) < m or rank_key(seed, key) < g[-1][0]
 
     for d in tqdm(iter_decoded(list(shards), cfg.backbone.image_size, want=want, strict=True, expect=shards),
                   desc="refbank: scan", unit="img", disable=not progress):
         g = chosen[group_of(d.meta)]
-        g.append((_rank_key(seed, d.key), d.key, d.image))
+        g.append((rank_key(seed, d.key), d.key, d.image))
         g.sort(key=lambda t: t[0])
         del g[m:]
     short = {g: len(v) for g, v in chosen.items() if len(v) < m}
@@ -210,7 +210,7 @@ def _centers_task(cfg_dict: dict, shards: dict[str, int], quotas: dict[str, int]
     normal = torch.ones(1, backbone.grid, backbone.grid, dtype=torch.bool, device=device)
 
     def rank(key: str) -> int:
-        return _rank_key(cfg.seed, f"centers:{key}")
+        return rank_key(cfg.seed, f"centers:{key}")
 
     def want(key: str, meta: dict) -> bool:  # decode only images that enter their group's quota
         group = group_of(meta)
@@ -223,7 +223,7 @@ def _centers_task(cfg_dict: dict, shards: dict[str, int], quotas: dict[str, int]
         if not live:
             return
         x = torch.stack([normalize(c.image, backbone.mean, backbone.std) for c in live]).to(device)
-        refs = [store.draw(c.group, cfg.centers.k, torch.Generator().manual_seed(_rank_key(cfg.seed, f"refs:{c.key}")),
+        refs = [store.draw(c.group, cfg.centers.k, torch.Generator().manual_seed(rank_key(cfg.seed, f"refs:{c.key}")),
                            exclude=c.key) for c in live]
         banks = [torch.stack(level).to(device) for level in zip(*refs)]
         res = [match_residual(f, b, cfg.refbank.match_chunk) for f, b in zip(backbone(x), banks)]
@@ -255,7 +255,7 @@ def compute_centers(cfg: Config, progress: bool = False, backbone=None, tasks: i
     from pipeline.fanout import fan_out
     from pipeline.rayctx import init_ray
     from pipeline.residual import CenterAccumulator, save_centers
-    from shards.build import read_manifest
+    from shards.manifest import read_manifest
 
     backbone = backbone or build_backbone(cfg.backbone)
     url = centers_url(cfg, backbone.id)
