@@ -152,6 +152,16 @@ class TrackingSpec(Strict):
     system_metrics: bool = True
 
 
+def resolve_uri(uri: str, base: str | None = None) -> str:
+    """The tracking URI with a relative sqlite path made absolute against ``base`` (default:
+    the current directory); any other URI as it is."""
+    import os
+
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + os.path.normpath(os.path.join(base or os.getcwd(), uri[len("sqlite:///"):]))
+    return uri
+
+
 class EvalSpec(Strict):
     k_shot: Literal[1, 2, 4, 8] = 8
     methods: list[Literal[METHODS]] = list(METHODS)
@@ -223,15 +233,12 @@ class Config(Strict):
                 return p
             return os.path.normpath(os.path.join(base, p))
 
-        uri = self.tracking.uri
-        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-            uri = "sqlite:///" + fix(uri[len("sqlite:///"):])
         return self.model_copy(update={
             "workdir": fix(self.workdir),
             "sources": [s.model_copy(update={"root": fix(s.root)}) for s in self.sources],
             "shards": self.shards.model_copy(update={"url": fix(self.shards.url)}),
             "train": self.train.model_copy(update={"storage": fix(self.train.storage)}),
-            "tracking": self.tracking.model_copy(update={"uri": uri}),
+            "tracking": self.tracking.model_copy(update={"uri": resolve_uri(self.tracking.uri, base)}),
         })
 
     def sources_with(self, split: str) -> list[SourceSpec]:
