@@ -9,13 +9,18 @@ devices their tasks compute on are checked through the functions the jobs call.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from pipeline import devices
 from pipeline.config import EvalSpec, load_config
 from shards.errors import UserError
-from pipeline.evaluate import jobs
+from pipeline.evaluate import features, jobs, schedule
+from pipeline.evaluate.cells import run_cell
+from pipeline.evaluate.plan import ClassPlan, ShardImages
+from pipeline.evaluate.threads import computing_on
 
 CUDA5 = torch.device("cuda", 5)
 
@@ -150,14 +155,14 @@ def test_extractor_on_cuda_without_cuda_is_a_clear_error(export, monkeypatch):
 def test_task_resources_ask_ray_for_the_gpu_fraction():
     on_gpu = {"num_cpus": 1, "num_gpus": 0.25}
     on_cpu = {"num_cpus": 1, "num_gpus": 0}
-    assert jobs.task_resources(EvalSpec(), 2) == (True, on_gpu)
-    assert jobs.task_resources(EvalSpec(), 0) == (False, on_cpu)
-    assert jobs.task_resources(EvalSpec(device="cuda"), 1) == (True, on_gpu)
-    assert jobs.task_resources(EvalSpec(device="cpu"), 8) == (False, on_cpu)
-    assert jobs.task_resources(EvalSpec(device="cuda", gpus_per_task=0.5), 1) == (True, {"num_cpus": 1,
+    assert schedule.task_resources(EvalSpec(), 2) == (True, on_gpu)
+    assert schedule.task_resources(EvalSpec(), 0) == (False, on_cpu)
+    assert schedule.task_resources(EvalSpec(device="cuda"), 1) == (True, on_gpu)
+    assert schedule.task_resources(EvalSpec(device="cpu"), 8) == (False, on_cpu)
+    assert schedule.task_resources(EvalSpec(device="cuda", gpus_per_task=0.5), 1) == (True, {"num_cpus": 1,
                                                                                        "num_gpus": 0.5})
     with pytest.raises(UserError, match="eval.device is cuda but the Ray cluster has no GPU"):
-        jobs.task_resources(EvalSpec(device="cuda"), 0)
+        schedule.task_resources(EvalSpec(device="cuda"), 0)
 
 
 def _config(tmp_path, **eval_keys):
@@ -203,7 +208,7 @@ def test_ray_tasks_are_planned_with_the_gpu_fraction(tmp_path, monkeypatch):
     monkeypatch.setattr(ray, "put", lambda x: x)
     cfg = _config(tmp_path, gpus_per_task=0.5)
     with pytest.raises(Planned):
-        jobs._run_ray(cfg, None, [(None, [("shard-0.tar", 8)], [])], 64, progress=False)
+        schedule.run_ray(cfg, None, [(SimpleNamespace(name="ev"), [("shard-0.tar", 8)], ["plan"])], 64, progress=False)
     assert asked["features_task"] == {"num_returns": len(cfg.eval.kinds) + 1, "num_cpus": 1, "num_gpus": 0.5}
     assert asked["cell_task"] == {"num_cpus": 1, "num_gpus": 0.5}
     assert asked["decode_shard"] == {"num_cpus": 1}
@@ -216,21 +221,21 @@ def test_ray_tasks_compute_on_the_gpu_ray_gave_them(fake_cuda, monkeypatch):
     monkeypatch.setattr(ray, "get_gpu_ids", lambda: [5])
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
     got = []
-    monkeypatch.setattr(jobs, "class_features", lambda blob, plan, kinds, device, *shards: got.append(device))
-    monkeypatch.setattr(jobs, "run_cell", lambda method, kind, spec, feats, info, device: got.append(device))
+    monkeypatch.setattr(schedule, "class_features", lambda blob, plan, kinds, device, *shards: got.append(device))
+    monkeypatch.setattr(schedule, "run_cell", lambda method, kind, spec, feats, info, device: got.append(device))
     expected = devices.task_device(True)
     assert expected == torch.device("cuda", 1)  # GPU 5 is the second device Ray left visible
-    jobs.features_task(True, "blob", "plan", ["raw"], "shard-a", "shard-b")
-    jobs.cell_task(True, "patchcore", "raw", EvalSpec(), ("fit", "test"), "info")
+    schedule.features_task(True, "blob", "plan", ["raw"], "shard-a", "shard-b")
+    schedule.cell_task(True, "patchcore", "raw", EvalSpec(), ("fit", "test"), "info")
     assert got == [expected, expected]
     assert set_to == [expected] * 3  # each task made its GPU the current device
     got.clear()
-    jobs.features_task(False, "blob", "plan", ["raw"])
-    jobs.cell_task(False, "patchcore", "raw", EvalSpec(), ("fit", "test"), "info")
+    schedule.features_task(False, "blob", "plan", ["raw"])
+    schedule.cell_task(False, "patchcore", "raw", EvalSpec(), ("fit", "test"), "info")
     assert got == [devices.CPU, devices.CPU]
 
 
-def _shard(n_train: int = 4, n_test: int = 4, size: int = 64) -> jobs.ShardImages:
+def _shard(n_train: int = 4, n_test: int = 4, size: int = 64) -> ShardImages:
     import numpy as np
 
     g = np.random.default_rng(0)
@@ -238,10 +243,10 @@ def _shard(n_train: int = 4, n_test: int = 4, size: int = 64) -> jobs.ShardImage
     labels = np.array([0] * n_train + [0, 1] * (n_test // 2), np.int8)
     masks = np.zeros((n, size, size), bool)
     masks[labels == 1, 20:40, 20:40] = True
-    return jobs.ShardImages(keys=[f"k{i}" for i in range(n)], classes=["c"] * n,
-                            splits=["train"] * n_train + ["test"] * n_test, labels=labels,
-                            has_mask=labels == 1, images=g.integers(0, 256, (n, 3, size, size), np.uint8),
-                            masks=masks)
+    return ShardImages(keys=[f"k{i}" for i in range(n)], classes=["c"] * n,
+                       splits=["train"] * n_train + ["test"] * n_test, labels=labels,
+                       has_mask=labels == 1, images=g.integers(0, 256, (n, 3, size, size), np.uint8),
+                       masks=masks)
 
 
 def test_features_and_methods_on_the_device_equal_the_cpu(export, fake_cuda, monkeypatch):
@@ -250,8 +255,8 @@ def test_features_and_methods_on_the_device_equal_the_cpu(export, fake_cuda, mon
     import pipeline.evaluate.methods
     import pipeline.transforms
 
-    blob, shard = jobs.ExportBlob.read(export), _shard()
-    plan = jobs.ClassPlan("ev", "eval", "c", True, k_shot=2, seed=0, max_test=None)
+    blob, shard = features.ExportBlob.read(export), _shard()
+    plan = ClassPlan("ev", "eval", "c", True, k_shot=2, seed=0, max_test=None)
     kinds = ["raw", "pretrained"]
     sent: list = []
     normalize, make_method = pipeline.transforms.normalize, pipeline.evaluate.methods.make_method
@@ -278,12 +283,12 @@ def test_features_and_methods_on_the_device_equal_the_cpu(export, fake_cuda, mon
     results = {}
     for device in (devices.CPU, CUDA5):
         sent.clear()
-        *per_kind, info = jobs.class_features(blob, plan, kinds, device, shard)
+        *per_kind, info = features.class_features(blob, plan, kinds, device, shard)
         assert sent == [device if device.type == "cuda" else None] * 3  # references, fit images, test images
-        assert jobs._extractors[blob.digest, device].device == device
+        assert features._extractors[blob.digest, device].device == device
         assert all(f.device == devices.CPU for fit, test in per_kind for f in (*fit, *test))
         sent.clear()
-        cells = [jobs.run_cell(m, k, EvalSpec(coreset_ratio=0.5), feats, info, device)
+        cells = [run_cell(m, k, EvalSpec(coreset_ratio=0.5), feats, info, device)
                  for k, feats in zip(kinds, per_kind) for m in ("featurenorm", "patchcore", "padim")]
         assert sent == [device if device.type == "cuda" else None] * (len(cells) * 2 * 2)  # fit, test x levels
         results[device.type] = (per_kind, [c.metrics for c in cells], [c.scores for c in cells])
@@ -299,12 +304,12 @@ def test_features_and_methods_on_the_device_equal_the_cpu(export, fake_cuda, mon
 @pytest.mark.parametrize("device, expected", [("auto", CUDA5), ("cuda", CUDA5), ("cpu", devices.CPU)])
 def test_in_process_evaluation_computes_on_the_resolved_device(tmp_path, fake_cuda, monkeypatch, device, expected):
     got = []
-    monkeypatch.setattr(jobs, "decode_shard", lambda url, count, size: url)
-    monkeypatch.setattr(jobs, "class_features",
+    monkeypatch.setattr(schedule, "decode_shard", lambda url, count, size: url)
+    monkeypatch.setattr(schedule, "class_features",
                         lambda blob, plan, kinds, device, *shards: (got.append(device), ("fit", "test"), "info")[1:])
-    monkeypatch.setattr(jobs, "run_cell", lambda method, kind, spec, feats, info, device: got.append(device))
+    monkeypatch.setattr(schedule, "run_cell", lambda method, kind, spec, feats, info, device: got.append(device))
     cfg = _config(tmp_path, device=device, kinds=["raw"], methods=["featurenorm", "padim"])
-    infos, _ = jobs._run_sequential(cfg, None, [(None, [("shard-0.tar", 8)], ["plan"])], 64, progress=False)
+    infos, _ = schedule.run_sequential(cfg, None, [(None, [("shard-0.tar", 8)], ["plan"])], 64, progress=False)
     assert infos == ["info"]
     assert got == [devices.resolve(device)] * 3 == [expected] * 3
 
@@ -323,12 +328,12 @@ def test_eval_device_cuda_without_cuda_fails_before_ray(tmp_path, monkeypatch):
 
 def test_one_thread_on_the_cpu_only():
     before = torch.get_num_threads()
-    with jobs.computing_on(devices.CPU):
+    with computing_on(devices.CPU):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
     torch.set_num_threads(2)
     try:
-        with jobs.computing_on(CUDA5):
+        with computing_on(CUDA5):
             assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)

@@ -21,7 +21,8 @@ import yaml
 
 from pipeline.config import load_config
 from shards.errors import DataError, UserError
-from pipeline.evaluate.jobs import METRICS, NA, PIXEL_METRICS, evaluate
+from pipeline.evaluate.jobs import evaluate
+from pipeline.evaluate.results import METRICS, NA, PIXEL_METRICS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "evaltest-projector"
@@ -254,7 +255,7 @@ def test_unreadable_shards_stop_the_evaluation(setup, tmp_path):
     (even when the tar reader alone would see a shorter, valid-looking shard)."""
     import tarfile
 
-    from pipeline.evaluate.jobs import decode_shard
+    from pipeline.evaluate.plan import decode_shard
     from shards.manifest import read_manifest
 
     url = str(tmp_path / "shards")

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Literal
 
 import numpy as np
@@ -30,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.evaluate.maps import check_features, image_scores, to_image_maps
+from pipeline.evaluate.threads import one_thread
 
 log = logging.getLogger(__name__)
 
@@ -57,17 +56,6 @@ def random_projection(dim: int, out_dim: int, seed: int) -> Tensor:
     """(dim, out_dim) Gaussian projection scaled to preserve squared distances on average."""
     g = torch.Generator().manual_seed(seed)
     return torch.randn(dim, out_dim, generator=g) / math.sqrt(out_dim)
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """Run torch CPU ops on one thread, restoring the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def greedy_coreset(x: Tensor, n: int, start: int = 0) -> Tensor:
