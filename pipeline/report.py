@@ -71,17 +71,16 @@ def headline_table(rows: list[dict], split: str = "eval") -> str:
 
 
 def _loss_curves(cfg: Config, run_id: str, path: str) -> bool:
-    from mlflow.tracking import MlflowClient
+    from pipeline.tracking import metric_histories
 
-    client = MlflowClient(cfg.tracking.uri)
-    keys = sorted(k for k in client.get_run(run_id).data.metrics if k == "loss" or k.split("/")[0] in ("angle", "norm1", "norm2"))
-    if not keys:
+    histories = metric_histories(cfg.tracking.uri, run_id,
+                                 lambda k: k == "loss" or k.split("/")[0] in ("angle", "norm1", "norm2"))
+    if not histories:
         return False
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     panel = {"loss": 0, "angle": 1, "norm1": 2, "norm2": 2}
-    for k in keys:
-        hist = sorted(client.get_metric_history(run_id, k), key=lambda m: m.step)
-        axes[panel[k.split("/")[0]]].plot([m.step for m in hist], [m.value for m in hist], label=k, lw=1.2)
+    for k, hist in histories.items():
+        axes[panel[k.split("/")[0]]].plot([step for step, _ in hist], [v for _, v in hist], label=k, lw=1.2)
     axes[0].set_title("total loss (sum over levels)")
     axes[1].set_title("angle loss per level")
     axes[2].set_title("norm loss per level and view")

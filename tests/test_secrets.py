@@ -96,13 +96,13 @@ def test_no_secret_reaches_the_store_or_the_logs(mlflow_server, tmp_path: Path, 
     cfg = config(uri)
     caplog.set_level(logging.DEBUG)
     ensure_store(cfg.tracking)
-    tracker = RunTracker.start(cfg.tracking, cfg, run_name="secrets", tags={"data.root": cfg.sources[0].root})
+    tracker = RunTracker.start(cfg.tracking, cfg, run_name="secrets",
+                               tags={"data.root": cfg.sources[0].root, "adpretrain.storage": cfg.train.storage})
     assert tracker.uri == uri  # the real URI connects
     tracker.log_metrics({"loss": 1.5}, step=1)
     weights = tmp_path / "projector.safetensors"
     save_file({"w": torch.ones(2, 2)}, str(weights))
     tracker.log_checkpoint(1, f"{cfg.train.storage}/secrets/checkpoint_000001", str(weights))
-    tracker.set_tags({"adpretrain.storage": cfg.train.storage})
     tracker.end()
 
     run = MlflowClient(uri).get_run(tracker.run_id)
