@@ -141,7 +141,7 @@ def random_images(n: int, size: int, seed: int) -> Tensor:
 def synthetic_bank(cfg: Config, backbone, device: torch.device, folder: str, groups: int):
     """A real reference bank (``RefBankStore``) of ``groups`` groups of ``refbank.per_group`` images,
     encoded by ``backbone`` from random images (one set of images, written for every group)."""
-    from pipeline.residual import RefBankStore
+    from pipeline.refbank import RefBankStore
     from pipeline.transforms import normalize
 
     m = cfg.refbank.per_group
@@ -202,7 +202,7 @@ def train_step_row(cfg: Config, backbone, device: torch.device, folder: str, gro
     Returns seconds per step, peak memory, the host→device bytes of one step and the bank's size."""
     from pipeline.bank import WorkerBank
     from pipeline.projector import Projector
-    from pipeline.residual import CenterAccumulator
+    from pipeline.centers import CenterAccumulator
     from pipeline.train import Step, build_engine, choose_k, draw_generator
     from pipeline.transforms import patch_labels
 

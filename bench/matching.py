@@ -1,4 +1,4 @@
-"""Residual matching: pipeline.residual.match_residual versus dense formulations.
+"""Residual matching: pipeline.matching.match_residual versus dense formulations.
 
     python bench/matching.py                        # B=32, 16x16 grid, C = 112 384 768, K = 1 4 8
     python bench/matching.py --channels 768 --k 8 --chunk 1024
@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipeline.residual import match_residual
+from pipeline.matching import match_residual
 
 
 def dense(feat: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:

@@ -112,16 +112,15 @@ def prepare(cfg: Config):
     """Shards (synthesising the source first), reference bank and centers; returns the backbone."""
     import ray
 
-    from pipeline.backbone import build_backbone
-    from pipeline.stages import compute_centers
+    from pipeline.stages import Context, centers
     from shards.build import build_shards
 
     build_shards(cfg)
-    backbone = build_backbone(cfg.backbone)
-    compute_centers(cfg, backbone=backbone)  # builds the reference bank first
+    ctx = Context()
+    centers.run(cfg, ctx)  # builds the reference bank first
     if ray.is_initialized():
         ray.shutdown()
-    return backbone
+    return ctx.backbone(cfg.backbone)
 
 
 def group_of_record(r: SampleRecord) -> str:
@@ -427,7 +426,8 @@ def main() -> int:
 
 
 def run(args: argparse.Namespace, work: Path) -> int:
-    from pipeline.residual import RefBankStore, load_centers
+    from pipeline.centers import load_centers
+    from pipeline.refbank import RefBankStore
     from pipeline.bank import WorkerBank
     from pipeline.paths import centers_url, refbank_url
     from shards.sources import scan_source

@@ -1,6 +1,6 @@
 """The reference bank of a training worker, resident where the step computes.
 
-Every (source, class, view) group of the stored bank (:class:`pipeline.residual.RefBankStore`)
+Every (source, class, view) group of the stored bank (:class:`pipeline.refbank.RefBankStore`)
 is loaded once into one fp16 tensor per level, ``(G, M, h*w, C)``. On a CUDA worker it lives
 on the device when it fits in ``train.bank_memory_fraction`` of the free device memory, so a
 step's references are gathered on the device and no reference byte crosses the host link;
@@ -8,7 +8,7 @@ otherwise it stays in pinned host memory, the step's references are gathered the
 with one non-blocking copy per level. Only the indices of the drawn images (B x (1 + K)
 integers) travel to the device each step.
 
-The draw is the store's (:func:`pipeline.residual.pick_references`, the same generator calls),
+The draw is the store's (:func:`pipeline.matching.pick_references`, the same generator calls),
 so a CPU run draws exactly the references it drew from the store.
 """
 
@@ -20,8 +20,9 @@ import torch
 from torch import Tensor
 
 from pipeline.devices import to_device
+from pipeline.matching import pick_references
+from pipeline.refbank import RefBankStore
 from shards.errors import UserError
-from pipeline.residual import RefBankStore, pick_references
 
 log = logging.getLogger(__name__)
 

@@ -48,17 +48,17 @@ def _cmd_build_shards(cfg, args) -> int:
 
 
 def _cmd_refbank(cfg, args) -> int:
-    from pipeline.stages import build_refbank
+    from pipeline.stages import Context, refbank
 
-    out = build_refbank(cfg, progress=True)
+    out = refbank.run(cfg, Context(progress=True))
     show(f"reference bank: {out}")
     return 0
 
 
 def _cmd_centers(cfg, args) -> int:
-    from pipeline.stages import compute_centers
+    from pipeline.stages import Context, centers
 
-    out = compute_centers(cfg, progress=True)
+    out = centers.run(cfg, Context(progress=True))
     show(f"centers: {out}")
     return 0
 

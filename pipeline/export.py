@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline import devices
+from pipeline import devices, levels
 from pipeline.config import BackboneSpec, ProjectorSpec
 from shards.errors import UserError
 
@@ -33,8 +33,7 @@ def save_export(folder: str, projector_state: dict[str, torch.Tensor], centers: 
     os.makedirs(folder, exist_ok=True)
     save_file({k: v.detach().float().cpu().contiguous() for k, v in projector_state.items()},
               os.path.join(folder, PROJECTOR_FILE))
-    save_file({f"level{i}": c.detach().float().cpu().contiguous() for i, c in enumerate(centers)},
-              os.path.join(folder, CENTERS_FILE))
+    save_file(levels.by_name([c.detach().float().cpu().contiguous() for c in centers]), os.path.join(folder, CENTERS_FILE))
     spec = {
         "format": FORMAT,
         "backbone": backbone_spec.model_dump(mode="json"),
@@ -100,7 +99,7 @@ class ADFeatures:
 
     @torch.no_grad()
     def residual(self, images: torch.Tensor, bank: list[torch.Tensor]) -> list[torch.Tensor]:
-        from pipeline.residual import match_residual
+        from pipeline.matching import match_residual
 
         return [match_residual(f, b.to(self.device), self.match_chunk) for f, b in zip(self._encode(images), bank)]
 
@@ -131,6 +130,5 @@ def load_feature_extractor(folder: str, device: str | torch.device = "cpu") -> A
     projector = Projector.from_spec(spec["widths"], ProjectorSpec.model_validate(spec["projector"]))
     projector.load_state_dict(load_file(os.path.join(folder, PROJECTOR_FILE)))
     projector.eval().to(device)
-    c = load_file(os.path.join(folder, CENTERS_FILE))
-    centers = [c[f"level{i}"].to(device) for i in range(len(c))]
+    centers = [c.to(device) for c in levels.in_order(load_file(os.path.join(folder, CENTERS_FILE)))]
     return ADFeatures(backbone, projector, centers, spec, device)

@@ -85,11 +85,11 @@ def pretrain(cfg: Config, parent_run_id: str | None = None) -> PretrainResult:
     from ray.train.torch import TorchConfig, TorchTrainer
     from safetensors.torch import load_file
 
-    from pipeline.backbone import build_backbone
     from pipeline.export import PROJECTOR_FILE, save_export
     from pipeline.rayctx import init_ray
-    from pipeline.residual import load_centers
-    from pipeline.stages import compute_centers
+    from pipeline.centers import load_centers
+    from pipeline.stages import Context
+    from pipeline.stages import centers as centers_stage
     from pipeline.paths import refbank_url
     from shards.manifest import manifest_sha256
     from pipeline.tracking import RunTracker, ensure_store
@@ -101,8 +101,9 @@ def pretrain(cfg: Config, parent_run_id: str | None = None) -> PretrainResult:
     storage.check_writable(train_storage(cfg))
     manifest_sha = manifest_sha256(cfg.shards.url)  # a clear error when the shards are missing
 
-    backbone = build_backbone(cfg.backbone)
-    centers_at = compute_centers(cfg, progress=True, backbone=backbone)  # builds the reference bank first if missing
+    ctx = Context(progress=True)
+    backbone = ctx.backbone(cfg.backbone)
+    centers_at = centers_stage.run(cfg, ctx)  # builds the reference bank first if missing
     centers, _ = load_centers(centers_at)
 
     tags = {

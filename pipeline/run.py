@@ -85,11 +85,10 @@ def _export_matches(cfg: Config, centers_url: str) -> bool:
 
 
 def run_chain(cfg: Config) -> ChainResult:
-    from pipeline.backbone import build_backbone
     from pipeline.evaluate.jobs import evaluate
     from pipeline.launcher import pretrain
     from pipeline.report import write_report
-    from pipeline.stages import build_refbank, compute_centers
+    from pipeline.stages import Context, centers, refbank
     from shards.build import build_shards
 
     result = ChainResult(cfg)
@@ -115,12 +114,12 @@ def run_chain(cfg: Config) -> ChainResult:
 
     @stage("refbank")
     def _refbank() -> str:
-        made["backbone"] = build_backbone(cfg.backbone)
-        return build_refbank(cfg, progress=True, backbone=made["backbone"])
+        made["ctx"] = Context(progress=True)
+        return refbank.run(cfg, made["ctx"])
 
     @stage("centers")
     def _centers() -> str:
-        made["centers"] = compute_centers(cfg, progress=True, backbone=made["backbone"])
+        made["centers"] = centers.run(cfg, made["ctx"])
         return made["centers"]
 
     @stage("pretrain")

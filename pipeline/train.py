@@ -95,7 +95,7 @@ class Step:
         self.centers = centers
 
     def residuals(self, batch: dict, k: int, gen: torch.Generator) -> tuple[list, list]:
-        from pipeline.residual import match_residual
+        from pipeline.matching import match_residual
 
         banks = self.bank.draw(batch["group"], batch["key"], k, gen)
         chunk = self.cfg.refbank.match_chunk
@@ -212,7 +212,8 @@ def train_loop(loop_config: dict) -> None:
     from pipeline.data import train_loader
     from pipeline.devices import train_device
     from pipeline.projector import Projector
-    from pipeline.residual import RefBankStore, load_centers
+    from pipeline.centers import load_centers
+    from pipeline.refbank import RefBankStore
     from pipeline.tracking import RunTracker
 
     cfg = validate(loop_config["cfg"])

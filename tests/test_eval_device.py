@@ -112,7 +112,7 @@ def fake_cuda(monkeypatch):
 
 
 def test_extractor_moves_model_centers_and_inputs_to_the_device(export, fake_cuda, monkeypatch):
-    import pipeline.residual
+    import pipeline.matching
     import pipeline.transforms
     from pipeline.export import load_feature_extractor
 
@@ -123,7 +123,7 @@ def test_extractor_moves_model_centers_and_inputs_to_the_device(export, fake_cud
     assert all(getattr(c, "sent_to", None) == CUDA5 for c in fx.centers)
 
     seen: dict[str, list] = {"images": [], "bank": []}
-    normalize, match = pipeline.transforms.normalize, pipeline.residual.match_residual
+    normalize, match = pipeline.transforms.normalize, pipeline.matching.match_residual
 
     def spy_normalize(x, mean, std):
         seen["images"].append(getattr(x, "sent_to", None))
@@ -134,7 +134,7 @@ def test_extractor_moves_model_centers_and_inputs_to_the_device(export, fake_cud
         return match(f, b, chunk)
 
     monkeypatch.setattr(pipeline.transforms, "normalize", spy_normalize)
-    monkeypatch.setattr(pipeline.residual, "match_residual", spy_match)
+    monkeypatch.setattr(pipeline.matching, "match_residual", spy_match)
     images, refs = _images(2, 3), _images(2, 4)
     fx.features(images, refs)  # references encoded, images encoded, matched against the bank
     fx.residual(images, [torch.randn(1, 10, w) for w in fx.backbone.widths])  # a bank held elsewhere

@@ -19,7 +19,7 @@ from pipeline import collectives, devices
 from pipeline.bank import WorkerBank
 from pipeline.config import validate
 from shards.errors import UserError
-from pipeline.residual import RefBankStore
+from pipeline.refbank import RefBankStore
 
 CI = os.path.join(os.path.dirname(__file__), "..", "configs", "ci.yaml")
 CUDA5 = torch.device("cuda", 5)

@@ -8,10 +8,8 @@ both stages."""
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
-import os
 import tarfile
 from collections import defaultdict
 from pathlib import Path
@@ -74,10 +72,15 @@ def built(tmp_path, ray_local) -> Config:
 
 
 @pytest.fixture(scope="module")
-def backbone():
-    from pipeline.backbone import build_backbone
+def ctx():
+    from pipeline.stages import Context
 
-    return build_backbone(config(Path("/tmp")).backbone)
+    return Context()
+
+
+@pytest.fixture(scope="module")
+def backbone(ctx):
+    return ctx.backbone(config(Path("/tmp")).backbone)
 
 
 def normal_samples(cfg: Config) -> dict[str, dict]:
@@ -104,9 +107,9 @@ def float64_centers(cfg: Config, backbone, sample: dict[str, list[str]], bank_ur
     """Mean over the sample's patches of feature - its nearest (cosine) reference, all in float64,
     with the references the stage draws for each image."""
     from pipeline.data import iter_decoded
-    from pipeline.residual import RefBankStore
+    from pipeline.refbank import RefBankStore
     from pipeline.data import rank_key
-    from pipeline.stages import _pretrain_normal_shards
+    from pipeline.stages.refbank import pretrain_normal_shards
     from pipeline.transforms import normalize
     from shards.manifest import read_manifest
 
@@ -114,7 +117,7 @@ def float64_centers(cfg: Config, backbone, sample: dict[str, list[str]], bank_ur
     group = {k: g for g, keys in sample.items() for k in keys}
     sums = [torch.zeros(c, dtype=torch.float64) for c in backbone.widths]
     n = 0
-    for d in iter_decoded(list(_pretrain_normal_shards(cfg, read_manifest(cfg.shards.url))), SIZE):
+    for d in iter_decoded(list(pretrain_normal_shards(cfg, read_manifest(cfg.shards.url))), SIZE):
         if d.key not in group:
             continue
         feats = backbone(normalize(d.image, backbone.mean, backbone.std)[None])
@@ -129,20 +132,21 @@ def float64_centers(cfg: Config, backbone, sample: dict[str, list[str]], bank_ur
     return [s / n for s in sums]
 
 
-def test_centers_sample_covers_every_group_the_same_for_any_number_of_tasks(built, backbone):
-    from pipeline.residual import RefBankStore, load_centers
-    from pipeline.stages import centers_quotas, compute_centers
+def test_centers_sample_covers_every_group_the_same_for_any_number_of_tasks(built, backbone, ctx):
+    from pipeline.centers import load_centers
+    from pipeline.refbank import RefBankStore
+    from pipeline.stages import centers
     from pipeline.paths import refbank_url
     from shards import storage
     from shards.manifest import read_manifest
 
     cfg = built
-    assert centers_quotas(cfg, read_manifest(cfg.shards.url)) == QUOTAS
+    assert centers.quotas(cfg, read_manifest(cfg.shards.url)) == QUOTAS
     assert len(normal_samples(cfg)) == sum(GROUPS.values())  # the abnormal image stays out
-    url = compute_centers(cfg, backbone=backbone, tasks=1)
+    url = centers.run(cfg, ctx, tasks=1)
     one, meta1 = load_centers(url, backbone.id)
     storage.remove(url)
-    assert compute_centers(cfg, backbone=backbone, tasks=3) == url
+    assert centers.run(cfg, ctx, tasks=3) == url
     three, meta3 = load_centers(url, backbone.id)
 
     want = expected_sample(cfg)
@@ -157,15 +161,16 @@ def test_centers_sample_covers_every_group_the_same_for_any_number_of_tasks(buil
         torch.testing.assert_close(got.double(), exp, rtol=1e-4, atol=1e-5)
 
 
-def test_bank_and_centers_are_recomputed_when_the_shards_change_and_skipped_when_not(built, backbone, caplog):
-    from pipeline.residual import RefBankStore, load_centers
-    from pipeline.stages import compute_centers
+def test_bank_and_centers_are_recomputed_when_the_shards_change_and_skipped_when_not(built, backbone, ctx, caplog):
+    from pipeline.centers import load_centers
+    from pipeline.refbank import RefBankStore
+    from pipeline.stages import centers
     from pipeline.paths import centers_url, refbank_url
     from shards.manifest import manifest_sha256
     from shards.build import build_shards
 
     cfg = built
-    c_url = compute_centers(cfg, backbone=backbone)
+    c_url = centers.run(cfg, ctx)
     b_url = refbank_url(cfg, backbone.id)
     bank_manifest = Path(b_url) / "manifest.json"
     stamps = (bank_manifest.stat().st_mtime_ns, Path(c_url).stat().st_mtime_ns)
@@ -174,15 +179,15 @@ def test_bank_and_centers_are_recomputed_when_the_shards_change_and_skipped_when
     assert old_meta["inputs"]["refbank"]["manifest_sha256"] == manifest_sha256(cfg.shards.url)
 
     build_shards(cfg)  # nothing changed
-    with caplog.at_level(logging.INFO, logger="pipeline.stages"):
-        assert compute_centers(cfg, backbone=backbone) == c_url
+    with caplog.at_level(logging.INFO, logger="pipeline.stages.centers"):
+        assert centers.run(cfg, ctx) == c_url
     assert "centers exist" in caplog.text
     assert (bank_manifest.stat().st_mtime_ns, Path(c_url).stat().st_mtime_ns) == stamps
 
     # b/c0 has 3 images: all of them are in the bank and in the centers' sample
     write_png(Path(cfg.sources[1].root) / "c0" / "good" / "bc0n01.png", 4242, side=48)  # other content and size
     build_shards(cfg)
-    new_c_url = compute_centers(cfg, backbone=backbone)
+    new_c_url = centers.run(cfg, ctx)
     new_b_url = refbank_url(cfg, backbone.id)
     assert new_c_url != c_url and new_b_url != b_url
     # the pretraining run trains on the new data: a run of its own, not a resume of the old one
@@ -211,29 +216,29 @@ def first_shard(cfg: Config, source: str) -> Path:
     return sorted(Path(cfg.shards.url).glob(f"{source}/pretrain/normal/*.tar"))[0]
 
 
-@pytest.mark.parametrize("stage", ["build_refbank", "compute_centers"])
-def test_a_shard_of_another_size_than_the_manifest_stops_the_stages(built, backbone, stage):
-    import pipeline.stages as stages
+@pytest.mark.parametrize("stage", ["refbank", "centers"])
+def test_a_shard_of_another_size_than_the_manifest_stops_the_stages(built, ctx, stage):
+    from pipeline.stages import centers, refbank
 
     cfg = built
-    if stage == "compute_centers":
-        stages.build_refbank(cfg, backbone=backbone)  # the bank is there: the centers stage reads the shards itself
+    if stage == "centers":
+        refbank.run(cfg, ctx)  # the bank is there: the centers stage reads the shards itself
     shard = first_shard(cfg, "b")
     shard.write_bytes(shard.read_bytes()[:-1024])  # one block less: still a readable tar
     with pytest.raises(DataError) as e:
-        getattr(stages, stage)(cfg, backbone=backbone)
+        {"refbank": refbank, "centers": centers}[stage].run(cfg, ctx)
     assert str(shard) in str(e.value) and "the manifest says" in str(e.value)
     assert "adpretrain build-shards" in str(e.value)
 
 
-@pytest.mark.parametrize("stage", ["build_refbank", "compute_centers"])
+@pytest.mark.parametrize("stage", ["refbank", "centers"])
 @pytest.mark.parametrize("damage", ["content", "header"])
-def test_a_corrupt_shard_of_the_right_size_stops_the_stages(built, backbone, stage, damage):
-    import pipeline.stages as stages
+def test_a_corrupt_shard_of_the_right_size_stops_the_stages(built, ctx, stage, damage):
+    from pipeline.stages import centers, refbank
 
     cfg = built
-    if stage == "compute_centers":
-        stages.build_refbank(cfg, backbone=backbone)
+    if stage == "centers":
+        refbank.run(cfg, ctx)
     shard = first_shard(cfg, "b")  # b/c0: every image is in the bank and in the centers' sample
     with tarfile.open(shard) as tar:
         members = tar.getmembers()
@@ -244,17 +249,17 @@ def test_a_corrupt_shard_of_the_right_size_stops_the_stages(built, backbone, sta
         data[members[2].offset : members[2].offset + 100] = b"x" * 100
     shard.write_bytes(bytes(data))
     with pytest.raises(DataError) as e:
-        getattr(stages, stage)(cfg, backbone=backbone)
+        {"refbank": refbank, "centers": centers}[stage].run(cfg, ctx)
     assert f"shard {shard} cannot be read" in str(e.value) and "adpretrain build-shards" in str(e.value)
     if damage == "header":
         assert "1 samples read, the manifest says 3" in str(e.value)
     assert not list((Path(cfg.shards.url) / "centers").glob("*.safetensors"))  # nothing half-written
 
 
-def test_centers_on_gpus_need_a_cluster_with_gpus(built, backbone):
+def test_centers_on_gpus_need_a_cluster_with_gpus(built, ctx):
     from shards.errors import UserError
-    from pipeline.stages import compute_centers
+    from pipeline.stages import centers
 
     cfg = config(Path(built.shards.url).parent, "train.use_gpu=true")  # the local Ray of the tests has none
     with pytest.raises(UserError, match=r"train.use_gpu is true but the Ray cluster has no GPU"):
-        compute_centers(cfg, backbone=backbone)
+        centers.run(cfg, ctx)

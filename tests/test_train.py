@@ -20,7 +20,8 @@ def test_the_step_overfits_a_fixed_batch(prepared, tmp_path):
     from pipeline.bank import WorkerBank
     from pipeline.data import MixedBatches, StreamPlan
     from pipeline.projector import Projector
-    from pipeline.residual import RefBankStore, load_centers
+    from pipeline.centers import load_centers
+    from pipeline.refbank import RefBankStore
     from pipeline.paths import centers_url, refbank_url
     from pipeline.train import Step
 

@@ -78,7 +78,7 @@ def _extractor(blob: ExportBlob, device: torch.device):
 @torch.no_grad()
 def kind_features(fx, images01: torch.Tensor, bank: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
     """All three kinds from one backbone pass: raw, residual against ``bank``, projected residual."""
-    from pipeline.residual import match_residual
+    from pipeline.matching import match_residual
 
     raw = fx.raw(images01)
     res = [match_residual(f, b, fx.match_chunk) for f, b in zip(raw, bank)]
