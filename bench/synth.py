@@ -19,7 +19,9 @@ import cv2
 import numpy as np
 
 from shards import synth
-from shards.synth_render import DEFECT_TYPES, AREA_RANGE, DefectSpec, apply_defect, render_class, to_uint8
+from shards.synth.defects import AREA_RANGE, DEFECT_TYPES, DefectSpec, apply_defect
+from shards.synth.draw import to_uint8
+from shards.synth.products import render_class
 
 TARGET = 40.0
 
@@ -28,7 +30,7 @@ def layouts(size: int, classes: int, normal: int, abnormal: int, views: int) -> 
     print(f"\ngenerate(): {classes} classes, {normal} normal + {abnormal} abnormal each, {size}x{size}, 1 thread")
     print(f"{'layout':<9} {'images':>7} {'MB':>7} {'wall s':>7} {'cpu s':>7} {'img/s/core':>11} {'x target':>9}")
     with tempfile.TemporaryDirectory() as tmp:
-        for layout in synth.LAYOUTS:
+        for layout in synth.SYNTH_LAYOUTS:
             cpu = time.process_time()
             s = synth.generate(layout, Path(tmp) / layout, classes=min(classes, 3 if layout == "btad" else classes),
                                normal=normal, abnormal=abnormal, size=size, views=views)

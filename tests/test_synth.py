@@ -16,24 +16,23 @@ import tifffile
 from pipeline.cli import main
 from shards.errors import UserError
 from shards import synth
-from shards.synth_render import (
+from shards.synth.defects import (
     AREA_MAX,
     AREA_MIN,
     AREA_RANGE,
-    CLASSES,
     DEFECT_TYPES,
     MASK_LEVEL,
     REALIAD_CODES,
     DefectSpec,
     apply_defect,
     plan_defects,
-    render_class,
-    to_uint8,
-    view_homography,
-    warp_view,
     _blob,
-    _hexagon_sdf,
 )
+from shards.synth.draw import to_uint8
+from shards.synth.objects import _hexagon_sdf
+from shards.synth.products import CLASSES, render_class
+from shards.synth.samples import ClassSource
+from shards.synth.views import view_homography, warp_view
 
 SMALL = dict(normal=5, abnormal=4, size=64)
 
@@ -192,7 +191,7 @@ def test_written_mask_is_exactly_the_change(tmp_path: Path) -> None:
     """The PNG on disk differs from the same instance without the defect exactly under its mask."""
     synth.generate("mvtec", tmp_path, classes=["synth_nut", "synth_tile"], normal=2, abnormal=6, size=64)
     for cls in ("synth_nut", "synth_tile"):
-        src = synth._Source(cls, 0, 6, None, 2)
+        src = ClassSource(cls, 0, 6, None, 2)
         seen: dict[str, int] = {}
         for j, spec in enumerate(src.plan):
             k = seen.get(spec.kind, 0)
@@ -301,7 +300,7 @@ def test_realiad_layout_and_json(tmp_path: Path) -> None:
 
 
 def test_realiad_views_are_exact_and_differ(tmp_path: Path) -> None:
-    src = synth._Source("synth_pill", 0, 4, None, 1)
+    src = ClassSource("synth_pill", 0, 4, None, 1)
     for j, spec in enumerate(src.plan):
         items = src.views(j, 64, 5, spec)
         assert len(items) == 5
