@@ -1,6 +1,6 @@
 """Shard-stage throughput, measured side by side in one run; prints a markdown table.
 
-Build: ``build_shards`` (scan, checks, tar writing over Ray, manifest) in images/s, against
+Build: the shards stage (scan, checks, tar writing over Ray, manifest) in images/s, against
 plain ``tar cf`` of the same files (images and masks), to local disk and to an S3 server
 (the tar then uploaded whole). Read: the training loader's path (webdataset stream ->
 decode -> resize/crop 224, ``pipeline.data.iter_decoded``) against decoding and resizing
@@ -70,7 +70,7 @@ def main() -> None:
     from pipeline.config import load_config
     from pipeline.data import decode_sample, iter_decoded
     from shards import storage
-    from shards.build import build_shards
+    from pipeline.stages import Context, shards as shards_stage
     from shards.manifest import shard_urls
     from shards.sources import scan_source
     from shards.synth import generate
@@ -102,11 +102,11 @@ def main() -> None:
         n = len(scan.records)
         mb = sum((root / f).stat().st_size for f in files) / 1e6
         (work / "files.txt").write_text("\n".join(files) + "\n")
-        build_shards(cfg(str(work / "warmup")))  # Ray workers started, with their S3 clients
-        build_shards(cfg("s3://bench/warmup"))
+        shards_stage.run(cfg(str(work / "warmup")), Context())  # Ray workers started, with their S3 clients
+        shards_stage.run(cfg("s3://bench/warmup"), Context())
 
         rows = []
-        t_build = best(lambda i: build_shards(cfg(str(work / f"out{i}"))), args.repeats)
+        t_build = best(lambda i: shards_stage.run(cfg(str(work / f"out{i}")), Context()), args.repeats)
         t_tar = best(lambda i: subprocess.run(["tar", "cf", str(work / f"plain{i}.tar"), "-C", str(root), "-T",
                                                str(work / "files.txt")], check=True), args.repeats)
         rows.append(("build -> local disk", n / t_build, "tar cf", n / t_tar, 0.8))
@@ -116,12 +116,12 @@ def main() -> None:
                            check=True)
             storage.put_file(str(work / "up.tar"), f"s3://bench/plain{i}.tar")
 
-        t_build_s3 = best(lambda i: build_shards(cfg(f"s3://bench/out{i}")), args.repeats)
+        t_build_s3 = best(lambda i: shards_stage.run(cfg(f"s3://bench/out{i}"), Context()), args.repeats)
         t_tar_s3 = best(tar_to_s3, args.repeats)
         rows.append(("build -> S3", n / t_build_s3, "tar cf + upload", n / t_tar_s3, 0.8))
 
         for where, url in (("local disk", str(work / "out0")), ("S3", "s3://bench/out0")):
-            manifest = build_shards(cfg(url))
+            manifest = shards_stage.run(cfg(url), Context())
             urls = shard_urls(manifest, url)
             samples = list(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()))
             t_stream = best(lambda i: sum(1 for _ in iter_decoded(urls, 224)), args.repeats)

@@ -113,10 +113,10 @@ def prepare(cfg: Config):
     import ray
 
     from pipeline.stages import Context, centers
-    from shards.build import build_shards
+    from pipeline.stages import shards as shards_stage
 
-    build_shards(cfg)
     ctx = Context()
+    shards_stage.run(cfg, ctx)
     centers.run(cfg, ctx)  # builds the reference bank first
     if ray.is_initialized():
         ray.shutdown()

@@ -28,11 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
-        from shards.build import build_shards
+        from pipeline.stages import Context, shards as shards_stage
         from shards.manifest import summary_table
 
         cfg = load_config(args.config, args.overrides)
-        manifest = build_shards(cfg, progress=not args.no_progress)
+        manifest = shards_stage.run(cfg, Context(progress=not args.no_progress))
     except (ConfigError, UserError) as e:
         print(f"build_shards: error: {e}", file=sys.stderr)
         return 2

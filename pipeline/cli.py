@@ -39,10 +39,10 @@ def _config_command(sub, name: str, help: str, handler: Callable, extra: Callabl
 
 
 def _cmd_build_shards(cfg, args) -> int:
-    from shards.build import build_shards
+    from pipeline.stages import Context, shards as shards_stage
     from shards.manifest import summary_table
 
-    manifest = build_shards(cfg, progress=True)
+    manifest = shards_stage.run(cfg, Context(progress=True))
     show(summary_table(manifest))
     return 0
 

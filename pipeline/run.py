@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from pipeline.config import Config
-from shards import storage
 
 log = logging.getLogger(__name__)
 
@@ -56,20 +55,6 @@ class ChainResult:
         return "\n".join(lines)
 
 
-def _synth_missing(cfg: Config) -> str:
-    from shards.synth import generate
-
-    made = []
-    for s in cfg.sources:
-        if s.synth is None or storage.exists(s.root):
-            continue
-        p = s.synth
-        generate(s.layout, s.root, classes=p.classes, normal=p.normal, abnormal=p.abnormal, size=p.size,
-                 views=p.views, seed=p.seed, progress=True)
-        made.append(s.name)
-    return f"generated {', '.join(made)}" if made else "skipped (roots exist)"
-
-
 def _export_matches(cfg: Config, centers_url: str) -> bool:
     """A finished, registered export of this very config, trained on these data, exists."""
     from pipeline.paths import export_dir, run_name
@@ -88,8 +73,7 @@ def run_chain(cfg: Config) -> ChainResult:
     from pipeline.evaluate.jobs import evaluate
     from pipeline.launcher import pretrain
     from pipeline.report import write_report
-    from pipeline.stages import Context, centers, refbank
-    from shards.build import build_shards
+    from pipeline.stages import Context, centers, refbank, shards as shards_stage, synth
 
     result = ChainResult(cfg)
     stages: list[tuple[str, Callable[[], str]]] = []
@@ -104,13 +88,12 @@ def run_chain(cfg: Config) -> ChainResult:
 
     @stage("data")
     def _data() -> str:
-        return _synth_missing(cfg)
+        return synth.summary(synth.run(cfg, Context(progress=True)))
 
     @stage("shards")
     def _shards() -> str:
-        result.manifest = build_shards(cfg, progress=True)
-        t = result.manifest["totals"]
-        return f"{t['normal'] + t['abnormal']} samples in {len(result.manifest['shards'])} shards, {t['quarantined']} quarantined"
+        result.manifest = shards_stage.run(cfg, Context(progress=True))
+        return shards_stage.summary(result.manifest)
 
     @stage("refbank")
     def _refbank() -> str:

@@ -102,13 +102,13 @@ def prepared(tmp_path_factory) -> Prepared:
     import ray
 
     from pipeline.stages import Context, centers
-    from shards.build import build_shards
+    from pipeline.stages import shards as shards_stage
 
     data = Prepared(tmp_path_factory.mktemp("prepared"))
     cfg = ci_config(data, data.root / "prepare")
     started = start_local_ray()
     try:
-        build_shards(cfg)
+        shards_stage.run(cfg, Context())
         centers.run(cfg, Context())  # builds the bank first
     finally:
         if started:

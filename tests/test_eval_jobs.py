@@ -66,12 +66,12 @@ def setup(tmp_path_factory, ray_local):
     from pipeline.paths import export_dir
     from pipeline.projector import Projector
     from pipeline.tracking import RunTracker, ensure_store
-    from shards.build import build_shards
+    from pipeline.stages import Context, shards as shards_stage
 
     tmp = str(tmp_path_factory.mktemp("evaljobs"))
     raw = _config(tmp)
     cfg = load_config(raw)
-    build_shards(cfg)
+    shards_stage.run(cfg, Context())
     ensure_store(cfg.tracking)
     pre = RunTracker.start(cfg.tracking, cfg, run_name="evaltest-pretrain", tags={})
     pre.end("FINISHED")

@@ -24,9 +24,9 @@ import yaml
 from PIL import Image
 
 from pipeline.config import load_config
+from pipeline.stages import Context, shards as shards_stage, synth as synth_stage
 from shards.errors import DataError, StorageError
 from shards import storage
-from shards.build import build_shards
 from shards.manifest import read_manifest, shard_urls, summary_table
 from shards.record import SampleRecord
 from shards.sources import scan_source
@@ -57,6 +57,11 @@ def trees(tmp_path_factory) -> Path:
     generate("visa", base / "visa", classes=2, normal=4, abnormal=2, size=32, seed=2)
     generate("btad", base / "btad", classes=2, normal=4, abnormal=2, size=32, seed=3)
     return base
+
+
+def build(cfg) -> dict:
+    """The shards stage, as ``adpretrain build-shards`` runs it (without a progress bar)."""
+    return shards_stage.run(cfg, Context())
 
 
 def read_samples(urls: list[str]) -> list[dict]:
@@ -113,7 +118,7 @@ def test_build_local_read_back_and_rerun_writes_nothing(ray_local, trees, tmp_pa
         ],
         tmp_path,
     )
-    manifest = build_shards(cfg)
+    manifest = build(cfg)
     assert (tmp_path / "realiad" / "realiad_512").is_dir()  # generated from the source's synth spec
     assert json.loads((out / "manifest.json").read_text()) == {k: v for k, v in manifest.items() if k != "build"}
     assert read_manifest(str(out)) == json.loads((out / "manifest.json").read_text())
@@ -167,7 +172,7 @@ def test_build_local_read_back_and_rerun_writes_nothing(ray_local, trees, tmp_pa
 
     # A rerun finds everything committed and writes nothing at all.
     before = snapshot(out)
-    again = build_shards(cfg)
+    again = build(cfg)
     assert again["build"]["shards_written"] == 0 and snapshot(out) == before
     assert {k: v for k, v in again.items() if k != "build"} == json.loads((out / "manifest.json").read_text())
 
@@ -175,8 +180,8 @@ def test_build_local_read_back_and_rerun_writes_nothing(ray_local, trees, tmp_pa
 def test_changed_plan_replaces_old_shards(ray_local, trees, tmp_path):
     out = tmp_path / "shards"
     src = [{"name": "bt", "layout": "btad", "root": str(trees / "btad"), "split": "pretrain"}]
-    build_shards(config(str(out), src, tmp_path, max_samples_per_shard=2))
-    manifest = build_shards(config(str(out), src, tmp_path, max_samples_per_shard=4))
+    build(config(str(out), src, tmp_path, max_samples_per_shard=2))
+    manifest = build(config(str(out), src, tmp_path, max_samples_per_shard=4))
     files = {str(p.relative_to(out)) for p in out.rglob("*.tar*")}
     assert files == {s["path"] for s in manifest["shards"]} | {s["path"] + ".json" for s in manifest["shards"]}
     assert all(s["count"] <= 4 for s in manifest["shards"]) and max(s["count"] for s in manifest["shards"]) > 2
@@ -188,14 +193,14 @@ def test_same_size_edit_in_place_is_rebuilt(ray_local, trees, tmp_path):
     shutil.copytree(trees / "btad", root)
     out = tmp_path / "shards"
     cfg = config(str(out), [{"name": "bt", "layout": "btad", "root": str(root), "split": "pretrain"}], tmp_path)
-    build_shards(cfg)
+    build(cfg)
     manifest_before = (out / "manifest.json").read_text()
     bmp = sorted(root.glob("*/train/ok/*.bmp"))[0]
     size = bmp.stat().st_size
     Image.fromarray(255 - decode(bmp.read_bytes())).save(bmp)  # a corrected image: same format, same size
     assert bmp.stat().st_size == size
     before = snapshot(out)
-    manifest = build_shards(cfg)
+    manifest = build(cfg)
     assert manifest["build"]["shards_written"] == 1
     after = snapshot(out)
     rewritten = sorted(p for p in after if after[p] != before.get(p) and p.endswith(".tar"))
@@ -204,7 +209,37 @@ def test_same_size_edit_in_place_is_rebuilt(ray_local, trees, tmp_path):
                   if json.loads(x["json"])["path"] == str(bmp.relative_to(root)))
     assert sample["bmp"] == bmp.read_bytes()
     # Nothing changed since: a rerun writes nothing.
-    assert build_shards(cfg)["build"]["shards_written"] == 0 and snapshot(out) == after
+    assert build(cfg)["build"]["shards_written"] == 0 and snapshot(out) == after
+
+
+def test_done_when_the_manifest_is_that_of_todays_inputs(ray_local, trees, tmp_path):
+    root = tmp_path / "bt"
+    shutil.copytree(trees / "btad", root)
+    cfg = config(str(tmp_path / "shards"), [{"name": "bt", "layout": "btad", "root": str(root), "split": "pretrain"}],
+                 tmp_path)
+    assert not shards_stage.done(cfg, Context())
+    manifest = build(cfg)
+    assert shards_stage.done(cfg, Context())
+    assert shards_stage.summary(manifest) == f"{manifest['totals']['normal'] + manifest['totals']['abnormal']} samples " \
+        f"in {len(manifest['shards'])} shards, 0 quarantined"
+    bmp = sorted(root.glob("*/train/ok/*.bmp"))[0]
+    Image.fromarray(255 - decode(bmp.read_bytes())).save(bmp)
+    assert not shards_stage.done(cfg, Context())
+    build(cfg)
+    assert shards_stage.done(cfg, Context())
+
+
+def test_data_stage_generates_missing_synthetic_roots(tmp_path):
+    synth = {"classes": 1, "normal": 2, "abnormal": 1, "size": 32}
+    cfg = config(str(tmp_path / "shards"), [
+        {"name": "a", "layout": "mvtec", "root": str(tmp_path / "a"), "split": "pretrain", "synth": synth},
+        {"name": "b", "layout": "visa", "root": str(tmp_path / "b"), "split": "pretrain", "synth": synth},
+    ], tmp_path)
+    assert not synth_stage.done(cfg, Context())
+    made = synth_stage.run(cfg, Context())
+    assert made == ["a", "b"] and synth_stage.summary(made) == "generated a, b"
+    assert synth_stage.done(cfg, Context()) and (tmp_path / "a" / "synth_info.json").is_file()
+    assert synth_stage.run(cfg, Context()) == [] and synth_stage.summary([]) == "skipped (roots exist)"
 
 
 def test_plan_respects_sample_and_byte_limits():
@@ -238,7 +273,7 @@ def test_build_on_s3_from_s3_and_local_sources(ray_local, trees, s3_bucket, tmp_
         ],
         tmp_path,
     )
-    manifest = build_shards(cfg)
+    manifest = build(cfg)
     assert read_manifest(url) == {k: v for k, v in manifest.items() if k != "build"}
     urls = shard_urls(manifest, url)
     assert urls and all(u.startswith(f"{s3_bucket}/shards/") for u in urls)
@@ -249,7 +284,7 @@ def test_build_on_s3_from_s3_and_local_sources(ray_local, trees, s3_bucket, tmp_
 
     fs.invalidate_cache()
     before = {p: (i["size"], i.get("LastModified")) for p, i in fs.find(f"{s3_bucket[5:]}/shards", detail=True).items()}
-    assert build_shards(cfg)["build"]["shards_written"] == 0
+    assert build(cfg)["build"]["shards_written"] == 0
     fs.invalidate_cache()
     assert {p: (i["size"], i.get("LastModified")) for p, i in fs.find(f"{s3_bucket[5:]}/shards", detail=True).items()} == before
 
@@ -261,12 +296,12 @@ def test_unreachable_or_wrongly_credentialed_store_fails_before_writing(ray_loca
 
     src = [{"name": "bt", "layout": "btad", "root": str(trees / "btad"), "split": "pretrain"}]
     with pytest.raises(StorageError, match="Create the bucket"):
-        build_shards(config("s3://no-such-bucket/shards", src, tmp_path))
+        build(config("s3://no-such-bucket/shards", src, tmp_path))
 
     reply = requests.post(f"{s3_server}/moto-api/reset-auth", data=b"0").json()  # credentials are checked now
     try:
         with pytest.raises(StorageError, match="credentials") as e:
-            build_shards(config(f"{s3_bucket}/shards", src, tmp_path))
+            build(config(f"{s3_bucket}/shards", src, tmp_path))
         assert "PermissionError" in str(e.value)
     finally:
         requests.post(f"{s3_server}/moto-api/reset-auth", data=str(reply["PREVIOUS_INITIAL_NO_AUTH_ACTION_COUNT"]))
@@ -282,7 +317,7 @@ def test_unreachable_or_wrongly_credentialed_store_fails_before_writing(ray_loca
     s3fs.S3FileSystem.clear_instance_cache()
     try:
         with pytest.raises(StorageError, match="AWS_ENDPOINT_URL") as e:
-            build_shards(config(f"{s3_bucket}/shards", src, tmp_path))
+            build(config(f"{s3_bucket}/shards", src, tmp_path))
         assert dead in str(e.value) or "Could not connect" in str(e.value)
     finally:
         monkeypatch.undo()
@@ -327,7 +362,7 @@ def test_bad_inputs_are_quarantined_and_accounted_for(ray_local, trees, tmp_path
     expected, converted = _vandalise(root)
     src = [{"name": "mv", "layout": "mvtec", "root": str(root), "split": "pretrain"}]
     out = tmp_path / "shards"
-    manifest = build_shards(config(str(out), src, tmp_path, max_quarantine_fraction=0.5))
+    manifest = build(config(str(out), src, tmp_path, max_quarantine_fraction=0.5))
     got = {q["path"]: q["reason"] for q in manifest["quarantined"]}
     assert set(got) == set(expected)
     for path, reason in expected.items():
@@ -348,7 +383,7 @@ def test_bad_inputs_are_quarantined_and_accounted_for(ray_local, trees, tmp_path
     # report, and no manifest.
     out2 = tmp_path / "shards2"
     with pytest.raises(DataError) as e:
-        build_shards(config(str(out2), src, tmp_path, max_quarantine_fraction=0.2))
+        build(config(str(out2), src, tmp_path, max_quarantine_fraction=0.2))
     msg = str(e.value)
     assert "source 'mv'" in msg and "max_quarantine_fraction" in msg and "abnormal image without its mask" in msg
     assert not (out2 / "manifest.json").exists()
@@ -357,7 +392,7 @@ def test_bad_inputs_are_quarantined_and_accounted_for(ray_local, trees, tmp_path
     # Scan-time quarantine alone (2 of 24) over a 5 % budget: fails before writing anything.
     out3 = tmp_path / "shards3"
     with pytest.raises(DataError, match="nothing written"):
-        build_shards(config(str(out3), src, tmp_path, max_quarantine_fraction=0.05))
+        build(config(str(out3), src, tmp_path, max_quarantine_fraction=0.05))
     assert not any(p.is_file() for p in out3.rglob("*"))
 
 
@@ -376,7 +411,7 @@ def test_image_level_only_source(ray_local, trees, tmp_path):
         ],
         tmp_path,
     )
-    manifest = build_shards(cfg)
+    manifest = build(cfg)
     n_abnormal = manifest["sources"]["plain"]["abnormal"]
     assert n_abnormal == 6 and manifest["sources"]["plain"]["quarantined"] == 0
     assert manifest["sources"]["plain"]["excluded_from_training"] == n_abnormal
@@ -403,7 +438,7 @@ def test_sigkilled_builds_resume_to_the_same_manifest(ray_local, tmp_path):
     generate("mvtec", root, classes=3, normal=10, abnormal=4, size=48, seed=7)
     sources = [{"name": "mv", "layout": "mvtec", "root": str(root), "split": "pretrain"}]
     ref = tmp_path / "reference"
-    build_shards(config(str(ref), sources, tmp_path, max_samples_per_shard=2))
+    build(config(str(ref), sources, tmp_path, max_samples_per_shard=2))
     n_shards = len(read_manifest(str(ref))["shards"])
 
     out = tmp_path / "resumed"
@@ -428,12 +463,12 @@ def test_sigkilled_builds_resume_to_the_same_manifest(ray_local, tmp_path):
     assert kills >= 2, "the build finished before it could be killed"
     assert not (out / "manifest.json").exists()
 
-    manifest = build_shards(config(str(out), sources, tmp_path, max_samples_per_shard=2))
+    manifest = build(config(str(out), sources, tmp_path, max_samples_per_shard=2))
     assert manifest["build"]["shards_kept"] >= 1
     assert (out / "manifest.json").read_bytes() == (ref / "manifest.json").read_bytes()
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]
     before = snapshot(out)
-    assert build_shards(config(str(out), sources, tmp_path, max_samples_per_shard=2))["build"]["shards_written"] == 0
+    assert build(config(str(out), sources, tmp_path, max_samples_per_shard=2))["build"]["shards_written"] == 0
     assert snapshot(out) == before
 
 

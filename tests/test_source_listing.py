@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from pipeline.config import load_config
-from shards.build import build_shards
+from pipeline.stages import Context, shards as shards_stage
 from shards.manifest import summary_table
 from shards.record import BadInput, load_sample, read_inputs
 from shards.sources import scan_source
@@ -196,7 +196,7 @@ def test_build_with_strays_in_every_layout_finishes_and_counts_every_file(ray_lo
         "backbone": {"levels": [1], "weights": "random"},
         "train": {"steps": 1, "storage": str(tmp_path / "train")},
     })
-    manifest = build_shards(cfg)
+    manifest = shards_stage.run(cfg, Context())
     quarantined = {(q["source"], q["path"]) for q in manifest["quarantined"]}
     for layout, root in roots.items():
         s = manifest["sources"][f"s-{layout}"]

@@ -63,11 +63,11 @@ def config(tmp: Path, *overrides: str) -> Config:
 
 @pytest.fixture
 def built(tmp_path, ray_local) -> Config:
-    from shards.build import build_shards
+    from pipeline.stages import Context, shards as shards_stage
 
     make_sources(tmp_path)
     cfg = config(tmp_path)
-    build_shards(cfg)
+    shards_stage.run(cfg, Context())
     return cfg
 
 
@@ -167,7 +167,7 @@ def test_bank_and_centers_are_recomputed_when_the_shards_change_and_skipped_when
     from pipeline.stages import centers
     from pipeline.paths import centers_url, refbank_url
     from shards.manifest import manifest_sha256
-    from shards.build import build_shards
+    from pipeline.stages import shards as shards_stage
 
     cfg = built
     c_url = centers.run(cfg, ctx)
@@ -178,7 +178,7 @@ def test_bank_and_centers_are_recomputed_when_the_shards_change_and_skipped_when
     old_group = RefBankStore(b_url).load("b/c0/-")
     assert old_meta["inputs"]["refbank"]["manifest_sha256"] == manifest_sha256(cfg.shards.url)
 
-    build_shards(cfg)  # nothing changed
+    shards_stage.run(cfg, ctx)  # nothing changed
     with caplog.at_level(logging.INFO, logger="pipeline.stages.centers"):
         assert centers.run(cfg, ctx) == c_url
     assert "centers exist" in caplog.text
@@ -186,7 +186,7 @@ def test_bank_and_centers_are_recomputed_when_the_shards_change_and_skipped_when
 
     # b/c0 has 3 images: all of them are in the bank and in the centers' sample
     write_png(Path(cfg.sources[1].root) / "c0" / "good" / "bc0n01.png", 4242, side=48)  # other content and size
-    build_shards(cfg)
+    shards_stage.run(cfg, ctx)
     new_c_url = centers.run(cfg, ctx)
     new_b_url = refbank_url(cfg, backbone.id)
     assert new_c_url != c_url and new_b_url != b_url
