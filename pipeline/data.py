@@ -39,12 +39,11 @@ from pipeline.transforms import (
     patch_labels,
 )
 from shards.manifest import check_shard_sizes, read_manifest, shard_urls
+from shards.record import IMAGE_EXTS
 from shards.storage import register_webdataset_schemes
 
 register_webdataset_schemes()
 log = logging.getLogger(__name__)
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "bmp", "tif", "tiff")
 
 
 def rank_key(seed: int, key: str) -> int:

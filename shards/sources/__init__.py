@@ -1,11 +1,12 @@
 """Source readers, one per on-disk layout, and :func:`scan_source` that runs the right one.
 
 Each layout module exposes ``EXPECTED`` (the layout in one line, for error messages),
-``CLASS_DIR`` (the folder that holds the class folders), ``find_classes(listing)``,
-``scan(listing, classes, masks) -> Found`` (the paths it consumes), ``MASKS`` (glob
-patterns of where its masks lie) and, optionally,
-``NOT_READ`` (glob patterns of the files the layout documents as not read, with the rule's
-name). Everything else under the root is accounted for in one place,
+``CLASS_DIR`` (the folder that holds the class folders), ``scan(listing, classes, masks) ->
+Found`` (the paths it consumes; the layouts whose class folders lie in the root share
+:func:`shards.sources.common.scan_classes`), ``MASKS`` (glob patterns of where its masks lie)
+and, optionally, ``find_classes(listing)`` (when not every folder in ``CLASS_DIR`` is a
+class) and ``NOT_READ`` (glob patterns of the files the layout documents as not read, with
+the rule's name). Everything else under the root is accounted for in one place,
 :func:`shards.sources.common.to_records`. See docs/layouts.md.
 """
 
@@ -51,6 +52,12 @@ class SourceScan:
     inputs: int
 
 
+def _find_classes(reader: ModuleType, listing: Listing) -> list[str]:
+    """The class folders of the reader's layout under the listed root."""
+    find = getattr(reader, "find_classes", None)
+    return find(listing) if find is not None else listing.subdirs(reader.CLASS_DIR)
+
+
 def _looks_like(listing: Listing, layout: str) -> list[str]:
     """Other layouts under which this root yields images (for the error message)."""
     out = []
@@ -58,7 +65,7 @@ def _looks_like(listing: Listing, layout: str) -> list[str]:
         if name in (layout, "mpdd") or mod is READERS[layout]:
             continue
         try:
-            if mod.scan(listing, mod.find_classes(listing), True).candidates:
+            if mod.scan(listing, _find_classes(mod, listing), True).candidates:
                 out.append(name)
         except DataError:
             continue
@@ -74,7 +81,7 @@ def scan_source(spec: SourceSpec) -> SourceScan:
     """List the source's root and read it with its layout's reader; DataError when it does not fit."""
     reader = READERS[spec.layout]
     listing = list_root(spec.root)
-    available = reader.find_classes(listing)
+    available = _find_classes(reader, listing)
     if spec.classes == "all":
         classes = available
     else:

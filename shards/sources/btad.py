@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 from shards.record import image_ext
-from shards.sources.common import Candidate, Found, Listing, empty_class, stem
+from shards.sources.common import Candidate, Found, Listing, scan_classes, stem
 
 EXPECTED = "<class>/train/ok/*, <class>/test/ok/*, <class>/test/ko/*, <class>/ground_truth/ko/<stem>.png|.bmp"
 CLASS_DIR = ""
 MASKS = ("*/ground_truth/*",)
 _MASK_EXT_ORDER = ("png", "bmp", "tiff", "jpg")
-
-
-def find_classes(listing: Listing) -> list[str]:
-    return listing.subdirs(CLASS_DIR)
 
 
 def _mask_for(listing: Listing, cls: str, image_name: str) -> str:
@@ -25,16 +21,14 @@ def _mask_for(listing: Listing, cls: str, image_name: str) -> str:
     return f"{cls}/ground_truth/ko/{options[0] if options else stem(image_name) + '.png'}"
 
 
+def _scan_class(listing: Listing, cls: str, found: Found) -> None:
+    for split, sub in (("train", "ok"), ("test", "ok")):
+        for name in listing.files_in(f"{cls}/{split}/{sub}"):
+            found.candidates.append(Candidate(cls, split, 0, "good", f"{cls}/{split}/{sub}/{name}"))
+    for name in listing.files_in(f"{cls}/test/ko"):
+        mask = _mask_for(listing, cls, name)
+        found.candidates.append(Candidate(cls, "test", 1, "ko", f"{cls}/test/ko/{name}", mask=mask))
+
+
 def scan(listing: Listing, classes: list[str], masks: bool) -> Found:
-    found = Found()
-    for cls in classes:
-        n = len(found.candidates)
-        for split, sub in (("train", "ok"), ("test", "ok")):
-            for name in listing.files_in(f"{cls}/{split}/{sub}"):
-                found.candidates.append(Candidate(cls, split, 0, "good", f"{cls}/{split}/{sub}/{name}"))
-        for name in listing.files_in(f"{cls}/test/ko"):
-            mask = _mask_for(listing, cls, name)
-            found.candidates.append(Candidate(cls, "test", 1, "ko", f"{cls}/test/ko/{name}", mask=mask))
-        if len(found.candidates) == n:
-            empty_class(found, cls, cls, EXPECTED)
-    return found
+    return scan_classes(listing, classes, EXPECTED, _scan_class)

@@ -18,6 +18,7 @@ import posixpath
 import stat
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from typing import Callable
 
 from shards.spec import SourceSpec
 from shards.errors import DataError
@@ -190,6 +191,20 @@ def stem(path: str) -> str:
 def empty_class(found: Found, cls_dir: str, cls: str, expected: str) -> None:
     """Record a selected class folder that holds no images at the layout's positions."""
     found.reject(cls_dir, cls, f"class folder has no images (expected {expected})")
+
+
+def scan_classes(
+    listing: Listing, classes: list[str], expected: str, scan_class: Callable[[Listing, str, Found], None]
+) -> Found:
+    """The scan of a layout whose class folders lie in the root: ``scan_class`` (the layout's
+    rule) adds the candidates of one class; a class folder where it finds none is rejected."""
+    found = Found()
+    for cls in classes:
+        n = len(found.candidates)
+        scan_class(listing, cls, found)
+        if len(found.candidates) == n:
+            empty_class(found, cls, cls, expected)
+    return found
 
 
 @dataclass

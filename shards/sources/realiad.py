@@ -34,10 +34,6 @@ _VIEW = re.compile(r"_C(\d+)_")
 _IMAGE = re.compile(r"\.jpe?g$", re.IGNORECASE)
 
 
-def find_classes(listing: Listing) -> list[str]:
-    return listing.subdirs(CLASS_DIR)
-
-
 def _view(path: str) -> str | None:
     m = _VIEW.search(posixpath.basename(path))
     return f"C{int(m.group(1))}" if m else None
