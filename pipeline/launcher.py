@@ -11,11 +11,13 @@ import logging
 import os
 import subprocess
 from dataclasses import dataclass, field
+from typing import Any
 
 from pipeline.config import Config
-from shards.errors import UserError
-from pipeline.paths import export_dir, run_name, train_storage
+from pipeline.paths import export_dir, refbank_url, run_name, train_storage
+from pipeline.stages import Context
 from shards import storage
+from shards.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -80,32 +82,53 @@ def _check_gpus(cfg: Config) -> None:
                         f"Ray cluster has {gpus:g}; add GPU nodes or lower train.num_workers")
 
 
-def pretrain(cfg: Config, parent_run_id: str | None = None) -> PretrainResult:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-    from safetensors.torch import load_file
+def pretrain(cfg: Config, ctx: Context | None = None) -> PretrainResult:
+    """Train the projector on Ray Train, export it to :func:`pipeline.paths.export_dir` and
+    register it in MLflow. The centers (and the reference bank before them) are computed first
+    when missing; ``ctx`` shares the backbone with the stages before (default: a context of its own)."""
+    from pipeline.tracking import RunTracker
 
-    from pipeline.export import PROJECTOR_FILE, save_export
-    from pipeline.rayctx import init_ray
+    prep = _prepare(cfg, ctx or Context(progress=True))
+    tracker = RunTracker.start(cfg.tracking, cfg, run_name=prep.run_name, tags=prep.tags)
+    trainer = _trainer(cfg, prep, tracker.run_id)
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        tracker.end("FAILED")
+        raise UserError(storage.mask_secrets(f"pretraining run {cfg.name!r} failed: {e}")) from e
+    if result.checkpoint is None:
+        tracker.end("FAILED")
+        raise UserError(f"pretraining run {cfg.name!r} produced no checkpoint")
+    return _export_and_register(cfg, prep, tracker, result)
+
+
+@dataclass
+class _Prepared:
+    """What the fit starts from: the backbone, the centers and the run's name and tags."""
+
+    backbone: Any
+    centers_url: str
+    centers: list  # per level, as the export keeps them
+    run_name: str
+    tags: dict[str, str]
+
+
+def _prepare(cfg: Config, ctx: Context) -> _Prepared:
+    """Before any training: the GPUs, the tracking store and the run storage are checked, and the
+    stages pretraining needs are run (the centers, and the reference bank first if missing)."""
     from pipeline.centers import load_centers
-    from pipeline.stages import Context
     from pipeline.stages import centers as centers_stage
-    from pipeline.paths import refbank_url
+    from pipeline.tracking import ensure_store
     from shards.manifest import manifest_sha256
-    from pipeline.tracking import RunTracker, ensure_store
-    from pipeline.train import train_loop
 
     if cfg.train.use_gpu:
         _check_gpus(cfg)
     ensure_store(cfg.tracking)
     storage.check_writable(train_storage(cfg))
     manifest_sha = manifest_sha256(cfg.shards.url)  # a clear error when the shards are missing
-
-    ctx = Context(progress=True)
     backbone = ctx.backbone(cfg.backbone)
     centers_at = centers_stage.run(cfg, ctx)  # builds the reference bank first if missing
     centers, _ = load_centers(centers_at)
-
     tags = {
         "git_commit": _git_commit(),
         "data.manifest_sha256": manifest_sha,
@@ -116,16 +139,24 @@ def pretrain(cfg: Config, parent_run_id: str | None = None) -> PretrainResult:
     }
     if backbone.random_weights:
         tags["warning"] = "RANDOM WEIGHTS: the backbone is not pretrained"
-    ray_run = run_name(cfg, centers_at)
-    tracker = RunTracker.start(cfg.tracking, cfg, run_name=ray_run, tags=tags, parent_run_id=parent_run_id)
+    return _Prepared(backbone, centers_at, centers, run_name(cfg, centers_at), tags)
+
+
+def _trainer(cfg: Config, prep: _Prepared, run_id: str):
+    """The Ray Train trainer of :func:`pipeline.train.train_loop` on the cluster :mod:`pipeline.rayctx` joins."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipeline.rayctx import init_ray
+    from pipeline.train import train_loop
 
     init_ray(cfg.ray)
     storage_path = train_storage(cfg)
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg.to_dict(), "run_id": tracker.run_id,
-                           "storage_uri": storage.join(storage_path, ray_run),
-                           "refbank_url": refbank_url(cfg, backbone.id), "centers_url": centers_at},
+        train_loop_config={"cfg": cfg.to_dict(), "run_id": run_id,
+                           "storage_uri": storage.join(storage_path, prep.run_name),
+                           "refbank_url": refbank_url(cfg, prep.backbone.id), "centers_url": prep.centers_url},
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,
@@ -134,30 +165,30 @@ def pretrain(cfg: Config, parent_run_id: str | None = None) -> PretrainResult:
         ),
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         run_config=RunConfig(
-            name=ray_run,
+            name=prep.run_name,
             storage_path=storage_path,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
-    try:
-        result = trainer.fit()
-    except Exception as e:
-        tracker.end("FAILED")
-        raise UserError(storage.mask_secrets(f"pretraining run {cfg.name!r} failed: {e}")) from e
-    if result.checkpoint is None:
-        tracker.end("FAILED")
-        raise UserError(f"pretraining run {cfg.name!r} produced no checkpoint")
+
+
+def _export_and_register(cfg: Config, prep: _Prepared, tracker, result) -> PretrainResult:
+    """Export the last checkpoint's projector with the centers, register it as a new model
+    version (recorded in ``registered.json`` of the export) and end the MLflow run."""
+    from safetensors.torch import load_file
+
+    from pipeline.export import PROJECTOR_FILE, save_export
 
     folder = export_dir(cfg)
     with result.checkpoint.as_directory() as d:
         state = load_file(os.path.join(d, PROJECTOR_FILE))
-    checkpoint = _checkpoint_uri(result.checkpoint.path, storage_path)
-    provenance = {"run_id": tracker.run_id, "run_name": ray_run, "checkpoint": checkpoint,
-                  "train_digest": cfg.train_digest(), **tags}
-    save_export(folder, state, centers, backbone, cfg.backbone, cfg.projector, provenance)
+    checkpoint = _checkpoint_uri(result.checkpoint.path, train_storage(cfg))
+    provenance = {"run_id": tracker.run_id, "run_name": prep.run_name, "checkpoint": checkpoint,
+                  "train_digest": cfg.train_digest(), **prep.tags}
+    save_export(folder, state, prep.centers, prep.backbone, cfg.backbone, cfg.projector, provenance)
     version = tracker.log_model(folder, cfg.tracking.model_name,
-                                tags={"run_id": tracker.run_id, "data.manifest_sha256": tags["data.manifest_sha256"]})
+                                tags={"run_id": tracker.run_id, "data.manifest_sha256": prep.tags["data.manifest_sha256"]})
     with open(os.path.join(folder, "registered.json"), "w") as f:
         json.dump({"name": cfg.tracking.model_name, "version": str(version)}, f)
     tracker.end("FINISHED")

@@ -24,6 +24,7 @@ import os
 import pickle
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -202,19 +203,62 @@ def build_engine(cfg: Config, projector: torch.nn.Module, world: int):
 
 
 def train_loop(loop_config: dict) -> None:
-    """Entry point of every Ray Train worker."""
+    """Entry point of every Ray Train worker: set up, resume, then the steps; every rank reduces,
+    logs and checkpoints at the same steps."""
+    from pipeline.collectives import MetricWindow
+    from pipeline.data import train_loader
+
+    w = _setup(loop_config)
+    cfg, steps = w.cfg, w.cfg.train.steps
+    start = _resume(w.engine)
+    if start:
+        log.info("rank %d resumed at step %d", w.rank, start)
+    tracker = _attach_tracker(w, loop_config.get("run_id"), start)
+    loader = iter(train_loader(cfg, w.backbone.mean, w.backbone.std, w.backbone.grid, w.rank, restart=start,
+                               pin_memory=w.device.type == "cuda"))
+    window = MetricWindow(["loss", *part_names(len(w.backbone.widths))], w.device, w.group)
+    counts = {"skipped_samples": 0, "defects_too_small": 0}
+    for step in range(start, steps):
+        lr = w.scheduler.get_last_lr()[0]  # the rate this step applies
+        k = _optimizer_step(w, loader, step, window, counts)
+        done = step + 1
+        checkpoint = done % cfg.train.checkpoint_every == 0 or done == steps
+        if done % cfg.train.log_every and not checkpoint:
+            continue
+        metrics = _log(w, window, tracker, lr=lr, k=k, step=done, **counts)
+        if checkpoint:
+            _checkpoint(w, metrics, done, tracker, loop_config.get("storage_uri", ""))
+    if tracker is not None:
+        tracker.flush()
+
+
+@dataclass
+class _Worker:
+    """What a worker sets up once: its place in the world and what the step runs on."""
+
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    group: Any  # the process group of the collectives; None for one worker
+    backbone: Any
+    projector: torch.nn.Module
+    engine: Any  # the projector as a DeepSpeed engine
+    scheduler: Any
+    step_math: Step
+
+
+def _setup(loop_config: dict) -> _Worker:
+    """The worker's device, backbone, the driver's bank and centers, and the projector's engine."""
     import ray
     import ray.train
 
     from pipeline.backbone import build_backbone
     from pipeline.bank import WorkerBank
-    from pipeline.collectives import MetricWindow
-    from pipeline.data import train_loader
+    from pipeline.centers import load_centers
     from pipeline.devices import train_device
     from pipeline.projector import Projector
-    from pipeline.centers import load_centers
     from pipeline.refbank import RefBankStore
-    from pipeline.tracking import RunTracker
 
     cfg = validate(loop_config["cfg"])
     ctx = ray.train.get_context()
@@ -223,65 +267,75 @@ def train_loop(loop_config: dict) -> None:
     group = dist.group.WORLD if world > 1 else None
     log.info("worker rank=%d world=%d node=%s device=%s", rank, world, ray.get_runtime_context().get_node_id(), device)
     torch.manual_seed(cfg.seed)
-
     backbone = build_backbone(cfg.backbone).to(device)
     # the driver's bank and centers: a restarted worker keeps them even if the shards change meanwhile
     bank = WorkerBank(RefBankStore(loop_config["refbank_url"], cache_groups=1), device, cfg.train.bank_memory_fraction)
     centers = [c.to(device) for c in load_centers(loop_config["centers_url"], backbone.id)[0]]
     projector = Projector.from_spec(backbone.widths, cfg.projector).to(device)
     engine, scheduler = build_engine(cfg, projector, world)
-    start = _resume(engine)
+    return _Worker(cfg, rank, world, device, group, backbone, projector, engine, scheduler,
+                   Step(cfg, backbone, bank, centers, group))
+
+
+def _attach_tracker(w: _Worker, run_id: str | None, start: int):
+    """Rank 0's handle on the driver's MLflow run (None on the other ranks or without a run)."""
+    from pipeline.tracking import RunTracker
+
+    if w.rank != 0 or not run_id:
+        return None
+    tracker = RunTracker.attach(w.cfg.tracking, run_id)
     if start:
-        log.info("rank %d resumed at step %d", rank, start)
-
-    tracker = RunTracker.attach(cfg.tracking, loop_config["run_id"]) if rank == 0 and loop_config.get("run_id") else None
-    if tracker is not None and start:
         tracker.log_metrics({"resumed_from_step": start}, step=start)
-    step_math = Step(cfg, backbone, bank, centers, group)
-    accum = cfg.train.grad_accum
-    loader = iter(train_loader(cfg, backbone.mean, backbone.std, backbone.grid, rank, restart=start,
-                               pin_memory=device.type == "cuda"))
-    window = MetricWindow(["loss", *part_names(len(backbone.widths))], device, group)
-    counts = {"skipped_samples": 0, "defects_too_small": 0}
-    for step in range(start, cfg.train.steps):
-        lr = scheduler.get_last_lr()[0]  # the rate this step applies
-        for micro in range(accum):
-            draw = step * accum + micro
-            t0 = time.perf_counter()
-            batch = next(loader)
-            data_s = time.perf_counter() - t0
-            k = choose_k(cfg, draw)
-            total, parts = step_math(engine, batch, k, draw_generator(cfg, draw, rank))
-            engine.backward(total * world)  # the loss is this rank's share; DeepSpeed averages gradients
-            engine.step()  # applies the update (and the lr schedule) after the last micro-batch
-            window.add([total, *parts.values()], data_s)
-            counts["skipped_samples"] += int(batch["skipped"])
-            counts["defects_too_small"] += int(batch["too_small"])
-        done = step + 1
-        last_of_window = done % cfg.train.log_every == 0
-        checkpoint = done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps
-        if not (last_of_window or checkpoint):
-            continue
-        metrics = window.reduce(cfg.data.batch_size * world)
-        metrics.update(lr=lr, k=k, step=done, **counts)
-        if tracker is not None:
-            tracker.log_metrics({n: v for n, v in metrics.items() if n != "step"}, step=done)
-        if checkpoint:
-            _checkpoint(engine, projector, metrics, done, tracker, loop_config.get("storage_uri", ""))
+    return tracker
+
+
+def _timed_next(loader) -> tuple[dict, float]:
+    """The next batch and the seconds the step waited for it."""
+    t0 = time.perf_counter()
+    batch = next(loader)
+    return batch, time.perf_counter() - t0
+
+
+def _optimizer_step(w: _Worker, loader, step: int, window, counts: dict[str, int]) -> int:
+    """One optimizer step of ``train.grad_accum`` micro-batches, each added to ``window`` and
+    ``counts``; returns the K of the last one."""
+    accum = w.cfg.train.grad_accum
+    for micro in range(accum):
+        draw = step * accum + micro
+        batch, data_s = _timed_next(loader)
+        k = choose_k(w.cfg, draw)
+        total, parts = w.step_math(w.engine, batch, k, draw_generator(w.cfg, draw, w.rank))
+        w.engine.backward(total * w.world)  # the loss is this rank's share; DeepSpeed averages gradients
+        w.engine.step()  # applies the update (and the lr schedule) after the last micro-batch
+        window.add([total, *parts.values()], data_s)
+        counts["skipped_samples"] += int(batch["skipped"])
+        counts["defects_too_small"] += int(batch["too_small"])
+    return k
+
+
+def _log(w: _Worker, window, tracker, **values) -> dict:
+    """The window's metrics reduced over ranks (a collective: every rank calls it) with ``values``;
+    rank 0 logs them at ``values["step"]``."""
+    metrics = window.reduce(w.cfg.data.batch_size * w.world)
+    metrics.update(values)
     if tracker is not None:
-        tracker.flush()
+        tracker.log_metrics({n: v for n, v in metrics.items() if n != "step"}, step=values["step"])
+    return metrics
 
 
-def _checkpoint(engine, projector, metrics: dict, step: int, tracker, storage_uri: str) -> None:
+def _checkpoint(w: _Worker, metrics: dict, step: int, tracker, storage_uri: str) -> None:
+    """Every rank's DeepSpeed shard and the step; rank 0 adds the projector weights (safetensors),
+    which the tracker records. Reported to Ray Train with ``metrics``."""
     import ray.train
     from ray.train import Checkpoint
     from safetensors.torch import save_file
 
     with tempfile.TemporaryDirectory() as d:
-        engine.save_checkpoint(d, tag=CKPT_TAG, client_state={"step": step})
+        w.engine.save_checkpoint(d, tag=CKPT_TAG, client_state={"step": step})
         proj_file = os.path.join(d, PROJECTOR_FILE)
-        if ray.train.get_context().get_world_rank() == 0:
-            save_file({k: v.detach().float().cpu().contiguous() for k, v in projector.state_dict().items()}, proj_file)
+        if w.rank == 0:
+            state = w.projector.state_dict()
+            save_file({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, proj_file)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
         if tracker is not None:
             tracker.log_checkpoint(step, storage_uri, proj_file)

@@ -30,7 +30,6 @@ import os
 import posixpath
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,6 +43,7 @@ from typing import Iterator
 import psutil
 import pytest
 
+from conftest import free_port
 from pipeline.config import Config, load_config
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -119,13 +119,6 @@ def prepared(tmp_path_factory) -> Prepared:
 # ----------------------------------------------------------------------------- a Ray cluster started by `ray start`
 
 TRAIN_WORKER = "RayTrainWorker"  # the actor class of Ray Train's workers
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)

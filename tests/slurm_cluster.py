@@ -21,6 +21,8 @@ from typing import Iterator
 
 import pytest
 
+from conftest import free_port
+
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY", "BOOT_FAIL",
             "DEADLINE"}
 
@@ -32,12 +34,6 @@ class Job:
     exit_code: str  # "status:signal", as SLURM reports it
     output: str  # the job's output file, read when the job ended
     fields: dict[str, str]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def free_port_range(n: int, low: int = 20000, high: int = 32000) -> int:
@@ -100,8 +96,8 @@ class SlurmCluster:
         return "\n".join([
             "ClusterName=adptest",
             f"SlurmctldHost={self.host}(127.0.0.1)",
-            f"SlurmctldPort={_free_port()}",
-            f"SlurmdPort={_free_port()}",
+            f"SlurmctldPort={free_port()}",
+            f"SlurmdPort={free_port()}",
             "SlurmUser=root",
             "SlurmdUser=root",
             "AuthType=auth/munge",
