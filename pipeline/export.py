@@ -25,6 +25,8 @@ from shards.errors import UserError
 SPEC_FILE = "spec.json"
 PROJECTOR_FILE = "projector.safetensors"
 CENTERS_FILE = "centers.safetensors"
+REGISTERED_FILE = "registered.json"  # name and version in the registry, once registered
+FILES = (SPEC_FILE, PROJECTOR_FILE, CENTERS_FILE)  # what an exported folder holds
 FORMAT = 1
 
 

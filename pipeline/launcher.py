@@ -178,7 +178,7 @@ def _export_and_register(cfg: Config, prep: _Prepared, tracker, result) -> Pretr
     version (recorded in ``registered.json`` of the export) and end the MLflow run."""
     from safetensors.torch import load_file
 
-    from pipeline.export import PROJECTOR_FILE, save_export
+    from pipeline.export import PROJECTOR_FILE, REGISTERED_FILE, save_export
 
     folder = export_dir(cfg)
     with result.checkpoint.as_directory() as d:
@@ -189,7 +189,7 @@ def _export_and_register(cfg: Config, prep: _Prepared, tracker, result) -> Pretr
     save_export(folder, state, prep.centers, prep.backbone, cfg.backbone, cfg.projector, provenance)
     version = tracker.log_model(folder, cfg.tracking.model_name,
                                 tags={"run_id": tracker.run_id, "data.manifest_sha256": prep.tags["data.manifest_sha256"]})
-    with open(os.path.join(folder, "registered.json"), "w") as f:
+    with open(os.path.join(folder, REGISTERED_FILE), "w") as f:
         json.dump({"name": cfg.tracking.model_name, "version": str(version)}, f)
     tracker.end("FINISHED")
     return PretrainResult(

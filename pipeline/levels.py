@@ -15,6 +15,11 @@ from torch import Tensor
 
 T = TypeVar("T")
 
+FORMAT = 2
+"""The layout of the reference-bank and centers files, part of what they are keyed by
+(:mod:`pipeline.paths`): 2 names levels ``level<i>``; files of 1 (``level_<i>``) lie at other
+URLs and are never read."""
+
 
 def level_name(i: int) -> str:
     """The tensor name of level ``i`` (0-based)."""

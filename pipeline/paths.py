@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 
+from pipeline import levels
 from pipeline.config import Config
 from shards import storage
 from shards.manifest import manifest_sha256
@@ -28,7 +29,8 @@ from shards.manifest import manifest_sha256
 
 def refbank_inputs(cfg: Config, backbone_id: str) -> dict:
     """What the reference bank is computed from."""
-    return {"manifest_sha256": manifest_sha256(cfg.shards.url), "backbone_id": backbone_id,
+    return {"format": levels.FORMAT, "manifest_sha256": manifest_sha256(cfg.shards.url),
+            "backbone_id": backbone_id,
             "bf16": cfg.backbone.bf16, "per_group": cfg.refbank.per_group, "seed": cfg.refbank.seed}
 
 

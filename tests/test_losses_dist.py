@@ -8,7 +8,7 @@ images, and the sum of their parameter gradients the single-process gradient (fp
 from __future__ import annotations
 
 import os
-import socket
+from conftest import free_port
 from pathlib import Path
 
 import torch
@@ -88,12 +88,6 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_gloo_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
+from conftest import free_port
 import sqlite3
 import threading
 import time
@@ -61,12 +61,6 @@ def spec(store_uri: str, request) -> TrackingSpec:
 
 def client(spec: TrackingSpec) -> MlflowClient:
     return MlflowClient(spec.uri, registry_uri=spec.uri)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ensure_store_concurrent_creation(tmp_path: Path, monkeypatch):

@@ -23,11 +23,11 @@ import torch
 from pipeline.config import KINDS
 from pipeline.evaluate.plan import ClassPlan, ShardImages, select_images
 from pipeline.evaluate.threads import computing_on
+from pipeline.export import FILES, SPEC_FILE
 from shards.errors import UserError
 
 PICTURES_PER_CLASS = 4
 BATCH = 16  # images per backbone / predict batch
-EXPORT_FILES = ("spec.json", "projector.safetensors", "centers.safetensors")
 
 
 @dataclass(frozen=True)
@@ -40,14 +40,14 @@ class ExportBlob:
     @classmethod
     def read(cls, folder: str) -> "ExportBlob":
         files = {}
-        for name in EXPORT_FILES:
+        for name in FILES:
             path = os.path.join(folder, name)
             if not os.path.isfile(path):
                 raise UserError(f"{folder!r} is not an exported projector: {name} is missing")
             with open(path, "rb") as f:
                 files[name] = f.read()
         h = hashlib.sha256()
-        for name in EXPORT_FILES:
+        for name in FILES:
             h.update(hashlib.sha256(files[name]).digest())
         return cls(h.hexdigest(), files)
 
@@ -61,7 +61,7 @@ def _extractor(blob: ExportBlob, device: torch.device):
 
     if (blob.digest, device) not in _extractors:
         folder = os.path.join(tempfile.gettempdir(), f"adpretrain-export-{blob.digest[:16]}")
-        if not os.path.isfile(os.path.join(folder, "spec.json")):
+        if not os.path.isfile(os.path.join(folder, SPEC_FILE)):
             tmp = tempfile.mkdtemp(prefix=".export-", dir=tempfile.gettempdir())
             for name, data in blob.files.items():
                 with open(os.path.join(tmp, name), "wb") as f:

@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 
 from pipeline.config import Config
+from pipeline.export import REGISTERED_FILE, SPEC_FILE
 from pipeline.paths import export_dir
 from shards.errors import UserError
 
@@ -27,13 +28,13 @@ def resolve_model(cfg: Config, model: str | None, checkpoint: str | None) -> Mod
     if model:
         return _registered(cfg, model)
     folder = checkpoint or export_dir(cfg)
-    if not os.path.isfile(os.path.join(folder, "spec.json")):
+    if not os.path.isfile(os.path.join(folder, SPEC_FILE)):
         if checkpoint:
             raise UserError(f"--checkpoint {checkpoint!r} is not an exported projector folder (no spec.json there)")
         raise UserError(f"no exported model of run {cfg.name!r} at {folder}: run `adpretrain pretrain CONFIG` "
                         "first or pass --model models:/NAME@champion (or --checkpoint EXPORT_FOLDER)")
     name = version = None
-    reg = os.path.join(folder, "registered.json")
+    reg = os.path.join(folder, REGISTERED_FILE)
     if os.path.isfile(reg):
         with open(reg) as f:
             r = json.load(f)

@@ -171,7 +171,7 @@ def run(cfg: Config, ctx: Context, tasks: int | None = None) -> str:
     shard) unless centers of the same inputs exist. Returns the centers' URL."""
     backbone = ctx.backbone(cfg.backbone)
     url = centers_url(cfg, backbone.id)
-    if storage.exists(url):
+    if done(cfg, ctx):
         log.info("centers exist at %s: skipped", url)
         return url
     best = _sample(cfg, refbank.run(cfg, ctx), tasks, ctx.progress)

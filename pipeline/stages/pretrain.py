@@ -13,7 +13,7 @@ import json
 import os
 
 from pipeline.config import Config
-from pipeline.export import SPEC_FILE
+from pipeline.export import REGISTERED_FILE, SPEC_FILE
 from pipeline.launcher import PretrainResult, pretrain
 from pipeline.paths import centers_url, export_dir, run_name
 from pipeline.stages import Context
@@ -28,7 +28,7 @@ def done(cfg: Config, ctx: Context) -> bool:
         with open(os.path.join(folder, SPEC_FILE)) as f:
             spec = json.load(f)
         trained_on = run_name(cfg, centers_url(cfg, ctx.backbone(cfg.backbone).id))
-        return os.path.isfile(os.path.join(folder, "registered.json")) and \
+        return os.path.isfile(os.path.join(folder, REGISTERED_FILE)) and \
             spec["provenance"].get("run_name") == trained_on
     except (OSError, KeyError, ValueError):
         return False

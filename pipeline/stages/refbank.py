@@ -91,10 +91,10 @@ def run(cfg: Config, ctx: Context) -> str:
     """Encode the reference bank unless a complete one of the same inputs exists. Returns its URL."""
     backbone = ctx.backbone(cfg.backbone)
     url = refbank_url(cfg, backbone.id)
-    store = RefBankStore(url, cfg.refbank.cache_groups)
-    if store.exists():
+    if done(cfg, ctx):
         log.info("reference bank exists at %s: skipped", url)
         return url
+    store = RefBankStore(url, cfg.refbank.cache_groups)
     chosen = _choose(cfg, ctx.progress)
     for g in tqdm(sorted(chosen), desc="refbank: encode", unit="group", disable=not ctx.progress):
         items = chosen[g]

@@ -9,6 +9,7 @@
 Nothing outside this package imports MLflow.
 """
 
+from pipeline.tracking.pyfunc import _load_pyfunc  # MLflow loads every registered version through the package
 from pipeline.tracking.store import ensure_store, resolve_uri
 from pipeline.tracking.writer import Retry
 from pipeline.tracking.registry import load_registered, model_version, select_champion
@@ -16,6 +17,7 @@ from pipeline.tracking.runs import RUN_NAME_TAG, RunTracker, metric_histories, r
 
 __all__ = [
     "RUN_NAME_TAG",
+    "_load_pyfunc",
     "Retry",
     "RunTracker",
     "ensure_store",

@@ -43,6 +43,11 @@ class ProjectorPyfunc:
         return {f"level_{i}": f.float().cpu().numpy() for i, f in enumerate(feats)}
 
 
+LOADER_MODULE = "pipeline.tracking"
+"""The module MLflow imports to load a registered version (it calls its ``_load_pyfunc``):
+the package, which every registered version names, whichever module holds the loader."""
+
+
 def _load_pyfunc(data_path: str) -> ProjectorPyfunc:
     """MLflow's entry point for the model (``loader_module``): ``data_path`` is the exported folder."""
     return ProjectorPyfunc(data_path)
@@ -64,7 +69,7 @@ def save_pyfunc(export_dir: str, path: str, run_id: str, logged_model) -> str:
     mlflow_model = Model(artifact_path=logged_model.artifact_location, run_id=run_id,
                          model_uuid=logged_model.model_id, model_id=logged_model.model_id)
     mlflow.pyfunc.save_model(
-        path, loader_module=__name__, data_path=staged, signature=signature,
+        path, loader_module=LOADER_MODULE, data_path=staged, signature=signature,
         mlflow_model=mlflow_model,
         pip_requirements=[f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
                           f"timm=={timm.__version__}", f"safetensors=={safetensors.__version__}"],

@@ -24,6 +24,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import TrackingSpec, resolve_uri
+from pipeline.export import SPEC_FILE
 from pipeline.tracking.pyfunc import MODEL_ARTIFACT
 from pipeline.tracking.store import connect
 from shards.errors import UserError
@@ -152,7 +153,7 @@ def load_registered(model_uri: str, tracking_uri: str | None = None, cache_dir: 
         key = f"{name}-v{version}-{hashlib.sha256(source.encode()).hexdigest()[:12]}"
     cache = Path(cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "adpretrain", "models"))
     folder = cache / key / "data" / MODEL_ARTIFACT
-    if not (folder / "spec.json").is_file():
+    if not (folder / SPEC_FILE).is_file():
         _download(model_uri, source, uri, cache, cache / key)
     return str(folder)
 
@@ -164,7 +165,7 @@ def _download(model_uri: str, source: str, uri: str, cache: Path, target: Path) 
     try:
         local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=uri,
                                                     registry_uri=uri)
-        if not (Path(local) / "data" / MODEL_ARTIFACT / "spec.json").is_file():
+        if not (Path(local) / "data" / MODEL_ARTIFACT / SPEC_FILE).is_file():
             raise UserError(f"model {model_uri} is not an adpretrain projector (no data/{MODEL_ARTIFACT}/spec.json)")
         try:
             os.replace(local, target)

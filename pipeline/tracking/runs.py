@@ -32,6 +32,7 @@ from mlflow.utils.validation import (
 )
 
 from pipeline.config import Config, TrackingSpec, resolve_uri
+from pipeline.export import SPEC_FILE
 from pipeline.tracking.pyfunc import MODEL_ARTIFACT, save_pyfunc
 from pipeline.tracking.registry import ensure_registered_model
 from pipeline.tracking.store import check_server, connect, experiment_id, resolved, scheme
@@ -233,7 +234,7 @@ class RunTracker:
         Returns the new version of ``registered_name``; its tags are ``tags`` plus the run id.
         Raises :class:`UserError` when the store cannot take it.
         """
-        if not os.path.isfile(os.path.join(export_dir, "spec.json")):
+        if not os.path.isfile(os.path.join(export_dir, SPEC_FILE)):
             raise UserError(f"{export_dir!r} is not an exported projector folder (spec.json is missing)")
         self.flush()
         c = self.client
