@@ -1,1 +1,2 @@
-"""Dataset-building stages: synthetic data, source readers, WebDataset shard writer."""
+"""The ground floor: sources and their readers, synthetic data, WebDataset shards, the manifest and
+storage. Nothing here imports from pipeline/."""
