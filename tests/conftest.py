@@ -1,4 +1,5 @@
-"""Shared fixtures: an S3-protocol server on 127.0.0.1, fresh buckets, a local Ray.
+"""Shared fixtures: an S3-protocol server on 127.0.0.1, fresh buckets, a local Ray, small
+synthetic datasets.
 
 The environment for Ray and the AWS clients is set here, before anything starts: Ray
 without token auth and without telemetry, and (for the session, once ``s3_server`` runs)
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -106,3 +108,15 @@ def gloo_world():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def trees(tmp_path_factory) -> Path:
+    """Synthetic datasets in four layouts (small), shared by the tests of a module."""
+    from shards.synth import generate
+
+    base = tmp_path_factory.mktemp("sources")
+    generate("mvtec", base / "mvtec", classes=2, normal=6, abnormal=3, size=32, seed=1)
+    generate("visa", base / "visa", classes=2, normal=4, abnormal=2, size=32, seed=2)
+    generate("btad", base / "btad", classes=2, normal=4, abnormal=2, size=32, seed=3)
+    return base

@@ -19,13 +19,12 @@ from collections import defaultdict
 
 import pytest
 
-pytest.register_assert_rewrite("pipeline_fixtures")  # also loaded as the plugin below
-from pipeline_fixtures import (  # noqa: E402
-    CI_CONFIG,
+pytest.register_assert_rewrite("pipeline_fixtures", "resume_checks")  # pipeline_fixtures: also the plugin below
+from pipeline_fixtures import CI_CONFIG, ci_overrides  # noqa: E402
+from resume_checks import (  # noqa: E402
     KillAfterCheckpoint,
     check_killed_and_resumed,
     check_registered_model_loads,
-    ci_overrides,
     latest_checkpoint,
 )
 
