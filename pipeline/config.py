@@ -20,8 +20,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from shards.spec import ShardsSpec, SourceSpec, Strict
 
-METHODS = ("featurenorm", "patchcore", "padim")
-KINDS = ("raw", "residual", "pretrained")
+from pipeline.evalspec import KINDS, METHODS, EvalSpec  # noqa: F401  (part of the config's interface)
 
 
 class ConfigError(ValueError):
@@ -160,27 +159,6 @@ def resolve_uri(uri: str, base: str | None = None) -> str:
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return "sqlite:///" + os.path.normpath(os.path.join(base or os.getcwd(), uri[len("sqlite:///"):]))
     return uri
-
-
-class EvalSpec(Strict):
-    k_shot: Literal[1, 2, 4, 8] = 8
-    methods: list[Literal[METHODS]] = list(METHODS)
-    kinds: list[Literal[KINDS]] = list(KINDS)
-    selection_metric: str = Field(
-        "patchcore/pretrained/image_auroc", description="method/kind/metric averaged over val classes"
-    )
-    coreset_ratio: float = Field(0.1, gt=0, le=1)
-    padim_channels: int = Field(100, ge=1)
-    max_test_images: int | None = Field(None, ge=1, description="cap per class (None: all)")
-    out: str = Field("eval", description="results folder (under the run folder)")
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="where features are extracted and methods run; auto: CUDA when present (Ray: when "
-        "the cluster has GPUs); cuda: an error when this machine has none. PatchCore's nearest-neighbour search, "
-        "decoding and metrics stay on the CPU"
-    )
-    gpus_per_task: float = Field(0.25, gt=0, le=1, description="fraction of a GPU each Ray feature or method "
-                                 "task asks for when on CUDA")
 
 
 class RayInit(Strict):
@@ -387,6 +365,6 @@ def _model_of(ann: Any) -> type[BaseModel] | None:
 
 
 def _type_name(ann: Any) -> str:
-    s = str(ann).replace("typing.", "").replace("pipeline.config.", "").replace("shards.spec.", "")
+    s = re.sub(r"\b(typing|pipeline\.config|pipeline\.evalspec|shards\.spec)\.", "", str(ann))
     s = re.sub(r"<class '([\w.]+)'>", r"\1", s)
     return s.replace("|", "\\|")

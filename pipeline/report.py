@@ -110,6 +110,14 @@ def _pictures(eval_dir: str, dest: str) -> dict[str, list[str]]:
     return out
 
 
+def selection_html(s: dict) -> str:
+    """The model-selection section: the gate's outcome (every failed comparison), then the record."""
+    failed = s["gate"]["failed"]
+    gate = ('<p class="warn"><b>No-regression gate failed:</b> ' + "; ".join(map(_esc, failed)) + "</p>"
+            if failed else "<p>No-regression gate passed.</p>")
+    return f"<h2>Model selection (validation source)</h2>{gate}<pre>{_esc(json.dumps(s, indent=1))}</pre>"
+
+
 def write_report(cfg: Config, chain) -> str:
     """Write ``{workdir}/{name}/report/report.html``; log the folder to the pretraining run."""
     from pipeline.export import read_spec
@@ -135,9 +143,7 @@ def write_report(cfg: Config, chain) -> str:
                  "selection). Best feature kind per method and metric in bold.</p>")
     parts.append(headline_table(ev.rows, "eval") if ev else "<p>Evaluation did not run.</p>")
     if ev and ev.selection:
-        s = ev.selection
-        parts.append("<h2>Model selection (validation source)</h2>")
-        parts.append(f"<pre>{_esc(json.dumps(s, indent=1))}</pre>")
+        parts.append(selection_html(ev.selection))
     parts.append("<h2>Training</h2>")
     if _loss_curves(cfg, run_id, os.path.join(folder, "loss.png")):
         parts.append('<img src="loss.png" alt="loss curves">')

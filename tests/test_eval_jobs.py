@@ -7,6 +7,7 @@ on a real sqlite registry."""
 from __future__ import annotations
 
 import csv
+import html
 import json
 import math
 import os
@@ -19,10 +20,11 @@ import pytest
 import torch
 import yaml
 
-from pipeline.config import load_config
+from pipeline.config import ConfigError, load_config
 from shards.errors import DataError, UserError
 from pipeline.evaluate.jobs import evaluate
-from pipeline.evaluate.results import METRICS, NA, PIXEL_METRICS
+from pipeline.evalspec import METRICS, PIXEL_METRICS
+from pipeline.evaluate.results import NA
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "evaltest-projector"
@@ -54,7 +56,8 @@ def _config(tmp: str) -> dict:
         "train": {"steps": 1, "storage": f"{tmp}/ray"},
         "tracking": {"uri": f"sqlite:///{tmp}/mlflow.db", "experiment": "evaltest", "model_name": MODEL,
                      "system_metrics": False},
-        "eval": {"k_shot": 2, "selection_metric": SELECTION},
+        # one method, the gate off: the value comparison alone (the gate: test_the_gate_keeps_...)
+        "eval": {"k_shot": 2, "selection_metric": SELECTION, "gate": {}},
     }
 
 
@@ -228,13 +231,43 @@ def test_champion_promotion_and_non_promotion(setup):
     assert "challenger" in r1.describe()
 
 
+def test_the_gate_keeps_a_version_that_fails_it_from_champion(setup):
+    """A gate no version can pass (pretrained must beat raw by more than 1): the version becomes
+    challenger even with no champion and a selection value above zero, and the failed comparison
+    is in the selection, the summary, the registry's tag and the report."""
+    from pipeline.report import selection_html
+    from pipeline.tracking import RunTracker
+
+    cfg = load_config({**setup.raw, "eval": {**setup.raw["eval"], "gate": {"raw": 1.0}},
+                       "tracking": {**setup.raw["tracking"], "model_name": "gated"}})
+    client = _client(cfg)
+    tracker = RunTracker.attach(cfg.tracking, setup.pretrain_run)
+    version = tracker.log_model(setup.export, "gated", tags={})
+    tracker.end("FINISHED")
+    result = evaluate(cfg, model=f"models:/gated/{version}", sources=["valset"], parallel=False, progress=False)
+    s = result.selection
+    [check] = s["gate"]["checks"]
+    assert (check["method"], check["kind"], check["against"], check["margin"]) == ("patchcore", "pretrained", "raw", 1.0)
+    assert check["value"] == pytest.approx(s["new_value"]) and not check["passed"]
+    assert s["gate"]["passed"] is False and s["decision"] == "challenger" and s["gate_failed"] == s["gate"]["failed"]
+    assert alias(client, "challenger") == version
+    with pytest.raises(Exception, match="champion"):
+        client.get_model_version_by_alias("gated", "champion")
+    line = s["gate"]["failed"][0]
+    assert line.startswith("patchcore: pretrained ") and "does not beat raw" in line and "+ 1" in line
+    assert f"gate failed        {line}" in result.describe()
+    tag = json.loads(client.get_model_version("gated", version).tags["adpretrain.selection"])
+    assert tag["decision"] == "challenger" and tag["gate_failed"] == [line]
+    assert f"No-regression gate failed:</b> {html.escape(line)}</p>" in selection_html(s)
+
+
 def test_user_errors(setup):
     raw = {**setup.raw, "workdir": os.path.join(setup.tmp, "elsewhere")}
     with pytest.raises(UserError, match="run `adpretrain pretrain CONFIG` first or pass --model"):
         evaluate(load_config(raw), parallel=False, progress=False)
-    bad = load_config({**setup.raw, "eval": {**setup.raw["eval"], "selection_metric": "patchcore/raw/auc"}})
-    with pytest.raises(UserError, match="eval.selection_metric 'patchcore/raw/auc'"):
-        evaluate(bad, parallel=False, progress=False)
+    # a selection metric the config cannot compute fails when the config is read, before any work
+    with pytest.raises(ConfigError, match="eval.selection_metric 'patchcore/raw/auc'"):
+        load_config({**setup.raw, "eval": {**setup.raw["eval"], "selection_metric": "patchcore/raw/auc"}})
     with pytest.raises(UserError, match="not eval/val sources"):
         evaluate(setup.cfg, sources=["pre"], parallel=False, progress=False)
     # an error inside a Ray task reaches the caller as the same one-line error

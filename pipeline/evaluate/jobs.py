@@ -43,7 +43,7 @@ from pipeline.evaluate.model import ModelRef, resolve_model
 from pipeline.evaluate.plan import plan_work, select_sources
 from pipeline.evaluate.results import EvalResult, log_run, table_rows, write_outputs
 from pipeline.evaluate.schedule import run_ray, run_sequential
-from pipeline.evaluate.selection import check_selection_metric, select_model
+from pipeline.evaluate.selection import select_model
 from pipeline.paths import eval_dir
 from pipeline.rayctx import cluster_address
 from shards.errors import UserError
@@ -68,8 +68,6 @@ def evaluate(cfg: Config, model: str | None = None, checkpoint: str | None = Non
     _check_request(cfg, parallel)
     srcs = select_sources(cfg, sources)
     has_val = any(s.split == "val" for s in srcs)
-    if has_val:
-        check_selection_metric(cfg.eval)
     ref = resolve_model(cfg, model, checkpoint)
     decide = _decides(cfg, ref, has_val, register_decision)
     spec = read_spec(ref.folder)

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import Config
+from pipeline.evalspec import METRICS
 from pipeline.evaluate.cells import Cell
 from pipeline.evaluate.features import ClassInfo
 from pipeline.evaluate.model import ModelRef
@@ -31,9 +32,6 @@ from shards.storage import mask_secrets
 
 log = logging.getLogger(__name__)
 
-IMAGE_METRICS = ("image_auroc", "image_ap", "image_f1_max")
-PIXEL_METRICS = ("pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro")
-METRICS = IMAGE_METRICS + PIXEL_METRICS
 NA = "n/a"
 
 
@@ -70,6 +68,7 @@ class EvalResult:
             else:
                 lines.append(f"  model selection    {s['metric']} on val = {s['new_value']:.4f} "
                              f"(no registered version: no decision)")
+            lines += [f"  gate failed        {line}" for line in s["gate"]["failed"]]
         return "\n".join(lines)
 
 

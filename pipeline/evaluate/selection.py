@@ -1,5 +1,11 @@
-"""Model selection: the selection metric, its value on the ``split: val`` sources only, and
-for a registered model version the champion/challenger decision."""
+"""Model selection on the ``split: val`` sources only: the selection value, the no-regression
+gate, and for a registered model version the champion/challenger decision.
+
+The value of ``eval.selection_metric`` = ``M1+M2+.../KIND/METRIC`` is the mean over the methods
+of each method's mean over the val classes. The gate (``eval.gate``, kind -> margin) holds when,
+for every selection method, KIND's value exceeds each gated kind's value by more than its
+margin; a version that fails it is never champion, and the failed comparisons are reported.
+"""
 
 from __future__ import annotations
 
@@ -11,45 +17,67 @@ import numpy as np
 
 from pipeline.config import Config, EvalSpec
 from pipeline.evaluate.model import ModelRef
-from pipeline.evaluate.results import METRICS
-from shards.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-def check_selection_metric(spec: EvalSpec) -> tuple[str, str, str]:
-    """``eval.selection_metric`` as (method, kind, metric), each one the config evaluates."""
-    parts = spec.selection_metric.split("/")
-    ok = (len(parts) == 3 and parts[0] in spec.methods and parts[1] in spec.kinds and parts[2] in METRICS)
-    if not ok:
-        raise UserError(
-            f"eval.selection_metric {spec.selection_metric!r} must be METHOD/KIND/METRIC with METHOD in "
-            f"eval.methods {list(spec.methods)}, KIND in eval.kinds {list(spec.kinds)} and METRIC one of "
-            f"{', '.join(METRICS)}"
-        )
-    return parts[0], parts[1], parts[2]
-
-
-def selection_value(rows: list[dict[str, Any]], metric: str) -> float | None:
+def method_value(rows: list[dict[str, Any]], method: str, kind: str, metric: str) -> float | None:
     """Mean over the classes of the val sources of ``method/kind/metric`` (None if none has it)."""
-    method, kind, name = metric.split("/")
-    vals = [r[name] for r in rows if r["split"] == "val" and r["class"] != "mean"
-            and r["method"] == method and r["kind"] == kind and r[name] is not None]
+    vals = [r[metric] for r in rows if r["split"] == "val" and r["class"] != "mean"
+            and r["method"] == method and r["kind"] == kind and r[metric] is not None]
     return float(np.mean(vals)) if vals else None
 
 
+def selection_value(rows: list[dict[str, Any]], spec: EvalSpec) -> float | None:
+    """The selection metric: the mean over its methods (None when one of them has no value)."""
+    s = spec.selection
+    if s is None:
+        return None
+    vals = [method_value(rows, m, s.kind, s.metric) for m in s.methods]
+    return None if any(v is None for v in vals) else float(np.mean(vals))
+
+
+def gate_checks(rows: list[dict[str, Any]], spec: EvalSpec) -> dict[str, Any]:
+    """Every comparison of the gate: {"passed", "checks": [...], "failed": [readable lines]}."""
+    s = spec.selection
+    checks, failed = [], []
+    for method in s.methods:
+        value = method_value(rows, method, s.kind, s.metric)
+        for kind, margin in spec.gate_margins.items():
+            other = method_value(rows, method, kind, s.metric)
+            ok = value is not None and other is not None and value > other + margin
+            checks.append({"method": method, "kind": s.kind, "value": value, "against": kind,
+                           "against_value": other, "margin": margin, "passed": ok})
+            if not ok:
+                failed.append(f"{method}: {s.kind} {_num(value)} does not beat {kind} {_num(other)} + {margin:g} "
+                              f"({s.metric} on val)")
+    return {"passed": not failed, "checks": checks, "failed": failed}
+
+
+def _name(spec: EvalSpec) -> str:
+    s = spec.selection
+    return "none (pretrained features are not evaluated)" if s is None else "+".join(s.methods) + f"/{s.kind}/{s.metric}"
+
+
+def _num(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
 def select_model(cfg: Config, ref: ModelRef, rows: list[dict[str, Any]], decide: bool) -> dict | None:
-    """The selection value of the evaluated model and, with ``decide``, the decision on its
-    registered version; None when the value is not available on the val sources."""
+    """The selection value of the evaluated model, its gate and, with ``decide``, the decision on
+    its registered version; None when the value is not available on the val sources."""
     from pipeline.tracking import select_champion
 
-    value = selection_value(rows, cfg.eval.selection_metric)
+    value = selection_value(rows, cfg.eval)
     if value is None or not math.isfinite(value):
-        log.warning("model selection: %s is not available on the val sources; no decision",
-                    cfg.eval.selection_metric)
+        log.warning("model selection: %s is not available on the val sources; no decision", _name(cfg.eval))
         return None
-    selection = {"metric": cfg.eval.selection_metric, "new_value": value, "champion_value": None,
-                 "version": ref.version, "decision": None}
+    gate = gate_checks(rows, cfg.eval)
+    for line in gate["failed"]:
+        log.warning("model selection gate: %s", line)
+    selection = {"metric": _name(cfg.eval), "new_value": value, "champion_value": None,
+                 "version": ref.version, "decision": None, "gate": gate}
     if decide:
-        selection.update(select_champion(cfg.tracking, ref.version, cfg.eval.selection_metric, value))
+        selection.update(select_champion(cfg.tracking, ref.version, cfg.eval.selection.key, value,
+                                         gate_failed=gate["failed"]))
     return selection

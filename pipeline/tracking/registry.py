@@ -69,12 +69,13 @@ def _not_found(model_uri: str, uri: str, e: MlflowException) -> UserError:
 
 
 def select_champion(spec: TrackingSpec, version: str, metric_name: str, value: float,
-                    higher_is_better: bool = True) -> dict:
-    """Move alias ``champion`` to ``version`` when ``value`` beats the current champion's, else
-    set ``challenger``. Values are stored as the version tag ``adpretrain.val.<metric_name>``.
+                    higher_is_better: bool = True, gate_failed: list[str] = ()) -> dict:
+    """Move alias ``champion`` to ``version`` when ``value`` beats the current champion's and
+    no comparison of the no-regression gate failed (``gate_failed``), else set ``challenger``.
+    Values are stored as the version tag ``adpretrain.val.<metric_name>``.
 
-    Returns {decision, new_value, champion_value, version, previous_champion}; the decision and
-    both numbers are also tagged on the version and logged into its training run.
+    Returns {decision, new_value, champion_value, version, previous_champion, gate_failed}; the
+    decision and both numbers are also tagged on the version and logged into its training run.
     """
     if not math.isfinite(value):
         raise UserError(f"validation metric {metric_name} of version {version} is {value}: cannot rank it")
@@ -84,6 +85,9 @@ def select_champion(spec: TrackingSpec, version: str, metric_name: str, value: f
     try:
         mv = c.get_model_version(name, str(version))
         result = _decide(c, name, tag, str(version), float(value), higher_is_better)
+        if gate_failed:
+            result["decision"] = CHALLENGER
+        result["gate_failed"] = list(gate_failed)
         c.set_model_version_tag(name, str(version), tag, repr(float(value)))
         c.set_model_version_tag(name, str(version), "adpretrain.selection", json.dumps(result))
         c.set_registered_model_alias(name, result["decision"], str(version))
