@@ -35,7 +35,18 @@ def _config_command(sub, name: str, help: str, handler: Callable, extra: Callabl
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values")
     if extra is not None:
         extra(p)
-    p.set_defaults(func=lambda args: handler(load_config(args.config, args.overrides), args))
+    p.set_defaults(func=lambda args: handler(load_config(args.config, _overrides(args)), args))
+
+
+def _overrides(args) -> list[str]:
+    """The command line's ``key=value`` overrides, with ``--profile`` as ``train.profile.enabled=true``."""
+    return [*(["train.profile.enabled=true"] if getattr(args, "profile", False) else []), *args.overrides]
+
+
+def _profile_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", action="store_true",
+                   help="profile the training loop (rank 0, train.profile.start/steps): trace and per-phase table "
+                   "in the run folder's profile/ and in MLflow")
 
 
 def _cmd_build_shards(cfg, args) -> int:
@@ -123,9 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     _config_command(sub, "build-shards", "pack the configured sources into WebDataset shards", _cmd_build_shards)
     _config_command(sub, "refbank", "encode the reference bank of normal images", _cmd_refbank)
     _config_command(sub, "centers", "compute the per-level centers of normal residual features", _cmd_centers)
-    _config_command(sub, "pretrain", "distributed pretraining on Ray Train + DeepSpeed", _cmd_pretrain)
+    _config_command(sub, "pretrain", "distributed pretraining on Ray Train + DeepSpeed", _cmd_pretrain,
+                    extra=_profile_args)
     _config_command(sub, "evaluate", "downstream evaluation jobs", _cmd_evaluate, extra=_eval_args)
-    _config_command(sub, "run", "the whole chain: data, shards, bank, centers, pretrain, evaluate", _cmd_run)
+    _config_command(sub, "run", "the whole chain: data, shards, bank, centers, pretrain, evaluate", _cmd_run,
+                    extra=_profile_args)
 
     p = sub.add_parser("config", help="print the config reference, or a validated config with defaults")
     p.add_argument("config", nargs="?")

@@ -112,6 +112,13 @@ class DeepSpeedSpec(Strict):
         return self
 
 
+class ProfileSpec(Strict):
+    enabled: bool = Field(False, description="rank 0 records `steps` steps after `start` with torch.profiler: "
+                          "trace and per-phase table in the run folder's profile/ and in MLflow (--profile)")
+    start: int = Field(5, ge=0, description="steps run before the recorded ones (warm-up)")
+    steps: int = Field(10, ge=1, description="steps recorded")
+
+
 class TrainSpec(Strict):
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one per GPU)")
     use_gpu: bool = False
@@ -135,6 +142,15 @@ class TrainSpec(Strict):
         0.5, gt=0, le=1, description="GPU: keep the reference bank on the device when it takes at most this share of free memory"
     )
     deepspeed: DeepSpeedSpec = DeepSpeedSpec()
+    profile: ProfileSpec = ProfileSpec()
+
+    @model_validator(mode="after")
+    def _profile_window(self) -> "TrainSpec":
+        p = self.profile
+        if p.enabled and p.start + p.steps > self.steps:
+            raise ValueError(f"train.profile records steps {p.start + 1}..{p.start + p.steps}, beyond train.steps "
+                             f"{self.steps}: lower train.profile.start or train.profile.steps")
+        return self
 
     @field_validator("decay_at")
     @classmethod
@@ -249,7 +265,8 @@ class Config(Strict):
         """Hash of what determines the trained projector (data, model, loss, schedule), not of
         how the run is operated (failures allowed, logging, storage, evaluation, tracking)."""
         d = self.to_dict()
-        train = {k: v for k, v in d["train"].items() if k not in ("max_failures", "log_every", "storage", "placement")}
+        train = {k: v for k, v in d["train"].items()
+                 if k not in ("max_failures", "log_every", "storage", "placement", "profile")}
         keep = {k: d[k] for k in ("seed", "backbone", "refbank", "centers", "projector", "loss", "data")}
         keep.update(train=train, shards=d["shards"]["url"], sources=[s for s in d["sources"] if s["split"] == "pretrain"])
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import Config
-from pipeline.paths import export_dir, refbank_url, run_name, train_storage
+from pipeline.paths import export_dir, profile_dir, refbank_url, run_name, train_storage
 from pipeline.stages import Context
 from shards import storage
 from shards.errors import UserError
@@ -156,7 +156,8 @@ def _trainer(cfg: Config, prep: _Prepared, run_id: str):
         train_loop,
         train_loop_config={"cfg": cfg.to_dict(), "run_id": run_id,
                            "storage_uri": storage.join(storage_path, prep.run_name),
-                           "refbank_url": refbank_url(cfg, prep.backbone.id), "centers_url": prep.centers_url},
+                           "refbank_url": refbank_url(cfg, prep.backbone.id), "centers_url": prep.centers_url,
+                           "profile_dir": profile_dir(cfg)},
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,

@@ -74,6 +74,11 @@ def eval_dir(cfg: Config) -> str:
     return os.path.join(run_dir(cfg), cfg.eval.out)
 
 
+def profile_dir(cfg: Config) -> str:
+    """The training profile (``train.profile``): trace and phase table."""
+    return os.path.join(run_dir(cfg), "profile")
+
+
 def report_dir(cfg: Config) -> str:
     return os.path.join(run_dir(cfg), "report")
 

@@ -18,6 +18,7 @@ holds anything but tensors and plain values is refused, never unpickled.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -35,6 +36,7 @@ from pipeline.config import Config, validate
 from pipeline.devices import to_device
 from shards.errors import UserError
 from pipeline.export import PROJECTOR_FILE
+from pipeline.profiling import STEP, loop_profiler, phase
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +100,15 @@ class Step:
     def residuals(self, batch: dict, k: int, gen: torch.Generator) -> tuple[list, list]:
         from pipeline.matching import match_residual
 
-        banks = self.bank.draw(batch["group"], batch["key"], k, gen)
+        with phase("bank draw"):
+            banks = self.bank.draw(batch["group"], batch["key"], k, gen)
         chunk = self.cfg.refbank.match_chunk
-        f1 = self.backbone(to_device(batch["view1"], self.device))
-        f2 = self.backbone(to_device(batch["view2"], self.device))
-        r1 = [match_residual(f, b, chunk) for f, b in zip(f1, banks)]
-        r2 = [match_residual(f, b, chunk) for f, b in zip(f2, banks)]
+        with phase("backbone"):
+            f1 = self.backbone(to_device(batch["view1"], self.device))
+            f2 = self.backbone(to_device(batch["view2"], self.device))
+        with phase("matching"):
+            r1 = [match_residual(f, b, chunk) for f, b in zip(f1, banks)]
+            r2 = [match_residual(f, b, chunk) for f, b in zip(f2, banks)]
         return r1, r2
 
     def loss(self, model, r1: list, r2: list, mask: torch.Tensor):
@@ -111,13 +116,16 @@ class Step:
         from pipeline.transforms import patch_labels
 
         b = r1[0].shape[0]
-        out = model([torch.cat([a, c]) for a, c in zip(r1, r2)])
+        with phase("projector forward"):
+            out = model([torch.cat([a, c]) for a, c in zip(r1, r2)])
         e1, e2 = [o[:b] for o in out], [o[b:] for o in out]
         lc, grid = self.cfg.loss, self.backbone.grid
-        angle = to_device(patch_labels(mask, grid, lc.angle_labels, lc.angle_pixel_threshold), self.device)
-        norm = to_device(patch_labels(mask, grid, lc.norm_labels, lc.angle_pixel_threshold), self.device)
-        n = len(e1)
-        return adpretrain_loss(e1, e2, [angle] * n, [norm] * n, self.centers, lc.tau, lc.chunk_size, group=self.group)
+        with phase("losses"):
+            angle = to_device(patch_labels(mask, grid, lc.angle_labels, lc.angle_pixel_threshold), self.device)
+            norm = to_device(patch_labels(mask, grid, lc.norm_labels, lc.angle_pixel_threshold), self.device)
+            n = len(e1)
+            return adpretrain_loss(e1, e2, [angle] * n, [norm] * n, self.centers, lc.tau, lc.chunk_size,
+                                   group=self.group)
 
     def __call__(self, model, batch: dict, k: int, gen: torch.Generator):
         """(total, parts) of this rank's share for one micro-batch; the backbone and matching without grad."""
@@ -218,18 +226,35 @@ def train_loop(loop_config: dict) -> None:
                                pin_memory=w.device.type == "cuda"))
     window = MetricWindow(["loss", *part_names(len(w.backbone.widths))], w.device, w.group)
     counts = {"skipped_samples": 0, "defects_too_small": 0}
+    profiler = loop_profiler(cfg.train.profile, w.rank, loop_config.get("profile_dir", ""), w.device)
     for step in range(start, steps):
         lr = w.scheduler.get_last_lr()[0]  # the rate this step applies
-        k = _optimizer_step(w, loader, step, window, counts)
+        with phase(STEP):
+            k = _optimizer_step(w, loader, step, window, counts)
         done = step + 1
+        if profiler is not None:
+            profiler.step()
         checkpoint = done % cfg.train.checkpoint_every == 0 or done == steps
         if done % cfg.train.log_every and not checkpoint:
             continue
         metrics = _log(w, window, tracker, lr=lr, k=k, step=done, **counts)
         if checkpoint:
             _checkpoint(w, metrics, done, tracker, loop_config.get("storage_uri", ""))
+    _close_profile(profiler, tracker)
     if tracker is not None:
         tracker.flush()
+
+
+def _close_profile(profiler, tracker) -> None:
+    """Write the profile (rank 0) and log it with its per-phase metrics to the MLflow run."""
+    folder = profiler.close() if profiler is not None else None
+    if folder is None or tracker is None:
+        return
+    with open(os.path.join(folder, "phases.json")) as f:
+        table = json.load(f)
+    tracker.log_metrics({f"profile/{r['phase'].replace(' ', '_')}_ms": r["ms_per_step"] for r in table["phases"]}
+                        | {"profile/step_ms": table["step_ms"]}, step=0)
+    tracker.log_artifacts(folder, "profile")
 
 
 @dataclass
@@ -292,7 +317,8 @@ def _attach_tracker(w: _Worker, run_id: str | None, start: int):
 def _timed_next(loader) -> tuple[dict, float]:
     """The next batch and the seconds the step waited for it."""
     t0 = time.perf_counter()
-    batch = next(loader)
+    with phase("data wait"):
+        batch = next(loader)
     return batch, time.perf_counter() - t0
 
 
@@ -305,8 +331,10 @@ def _optimizer_step(w: _Worker, loader, step: int, window, counts: dict[str, int
         batch, data_s = _timed_next(loader)
         k = choose_k(w.cfg, draw)
         total, parts = w.step_math(w.engine, batch, k, draw_generator(w.cfg, draw, w.rank))
-        w.engine.backward(total * w.world)  # the loss is this rank's share; DeepSpeed averages gradients
-        w.engine.step()  # applies the update (and the lr schedule) after the last micro-batch
+        with phase("backward"):
+            w.engine.backward(total * w.world)  # the loss is this rank's share; DeepSpeed averages gradients
+        with phase("optimizer step"):
+            w.engine.step()  # applies the update (and the lr schedule) after the last micro-batch
         window.add([total, *parts.values()], data_s)
         counts["skipped_samples"] += int(batch["skipped"])
         counts["defects_too_small"] += int(batch["too_small"])
@@ -316,10 +344,12 @@ def _optimizer_step(w: _Worker, loader, step: int, window, counts: dict[str, int
 def _log(w: _Worker, window, tracker, **values) -> dict:
     """The window's metrics reduced over ranks (a collective: every rank calls it) with ``values``;
     rank 0 logs them at ``values["step"]``."""
-    metrics = window.reduce(w.cfg.data.batch_size * w.world)
+    with phase("collectives"):
+        metrics = window.reduce(w.cfg.data.batch_size * w.world)
     metrics.update(values)
     if tracker is not None:
-        tracker.log_metrics({n: v for n, v in metrics.items() if n != "step"}, step=values["step"])
+        with phase("logging"):
+            tracker.log_metrics({n: v for n, v in metrics.items() if n != "step"}, step=values["step"])
     return metrics
 
 

@@ -4,6 +4,7 @@ jobs, MLflow registry, report), then a rerun that skips the stages whose outputs
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -12,6 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from pipeline.profiling import PHASES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +32,8 @@ def test_run_chain_ci_config(tmp_path):
     from mlflow.tracking import MlflowClient
 
     shutil.copytree(ROOT / "configs", tmp_path / "configs")
-    out = _adpretrain("run", "configs/ci.yaml", "ray.num_cpus=2", cwd=tmp_path, timeout=1500)
+    profile = ("train.profile.start=2", "train.profile.steps=3", "--profile")
+    out = _adpretrain("run", "configs/ci.yaml", "ray.num_cpus=2", *profile, cwd=tmp_path, timeout=1500)
     assert out.returncode == 0, f"adpretrain run failed:\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}"
 
     summary = out.stdout
@@ -53,10 +57,19 @@ def test_run_chain_ci_config(tmp_path):
     assert any(r.data.tags.get("mlflow.parentRunId") == pre[0].info.run_id for r in runs), "no evaluation child run"
     arts = [a.path for a in client.list_artifacts(pre[0].info.run_id, "report")]
     assert "report/report.html" in arts
+    # the real loop's profile (rank 0, steps 3..5): every phase of the step took time; files and MLflow
+    table = json.loads((tmp_path / "runs/ci/profile/phases.json").read_text())
+    ms = {r["phase"]: r["ms_per_step"] for r in table["phases"]}
+    assert table["steps"] == 3 and all(ms[p] > 0 for p in PHASES if p != "logging"), ms
+    assert (tmp_path / "runs/ci/profile/trace.json").stat().st_size > 10_000
+    assert {"profile/phases.md", "profile/trace.json"} <= {
+        a.path for a in client.list_artifacts(pre[0].info.run_id, "profile")}
+    assert pre[0].data.metrics["profile/backbone_ms"] == pytest.approx(ms["backbone"])
     versions = client.search_model_versions("name='adpretrain-projector'")
     assert len(versions) == 1
     assert client.get_model_version_by_alias("adpretrain-projector", "champion").version == versions[0].version
 
+    # without the profile: the same training (train.profile is how the run is operated), skipped
     again = _adpretrain("run", "configs/ci.yaml", "ray.num_cpus=2", cwd=tmp_path, timeout=900)
     assert again.returncode == 0, again.stderr[-4000:]
     assert "skipped (roots exist)" in again.stdout
