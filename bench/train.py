@@ -38,8 +38,9 @@ the end, or to ``--workdir``, where it is kept and reused (every stage skips wha
 Printed: a markdown table with, per loop, samples/s, the speed-up over the released loop, the
 share of step time spent waiting for the loader, ms per step spent on references (released:
 read + decode + encode; ours: drawing from the bank), on the backbone over both views plus
-matching, and on projector + losses + backward + step, and the same speeds and speed-up for the
-inputs alone (everything before the projector); then the speed-up of every round, the machine
+matching, and on projector + losses + backward + step, the step's time over the backbone bound (the
+frozen backbone alone on the same two views, timed in the same process after every step), and the
+same speeds and speed-up for the inputs alone (everything before the projector); then the speed-up of every round, the machine
 and the settings.
 """
 from __future__ import annotations
@@ -134,13 +135,15 @@ def table(ours: Loop, released: Loop) -> str:
     much the machine's load moved the figures)."""
     o, r = Totals.sum(ours.rounds), Totals.sum(released.rounds)
     head = ["loop", "timed steps", "samples/s", "vs released", "data wait", "references ms/step",
-            "backbone+matching ms/step", "projector+losses+step ms/step", "inputs samples/s", "inputs vs released"]
+            "backbone+matching ms/step", "projector+losses+step ms/step", "step / backbone bound", "inputs samples/s",
+            "inputs vs released"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(" --- " for _ in head) + "|"]
     for lp, t in ((released, r), (ours, o)):
         skipped = f" ({t.skipped} batches skipped)" if t.skipped else ""
         cells = [lp.name, f"{t.steps}{skipped}", f"{t.speed:.2f}", f"{t.speed / r.speed:.2f}x",
                  f"{t.data / t.seconds:.1%}", f"{1000 * t.refs / t.steps:.0f}", f"{1000 * t.features / t.steps:.0f}",
-                 f"{1000 * t.update / t.steps:.0f}", f"{t.inputs_speed:.2f}", f"{t.inputs_speed / r.inputs_speed:.2f}x"]
+                 f"{1000 * t.update / t.steps:.0f}", f"{t.seconds / t.bound:.2f}x", f"{t.inputs_speed:.2f}",
+                 f"{t.inputs_speed / r.inputs_speed:.2f}x"]
         lines.append("| " + " | ".join(cells) + " |")
     per_round = ", ".join(f"{x.speed / y.speed:.2f}x" for x, y in zip(ours.rounds, released.rounds))
     return "\n".join(lines + ["", f"speed-up per round: {per_round}"])

@@ -144,6 +144,7 @@ class Totals:
     refs: float = 0.0
     features: float = 0.0
     update: float = 0.0
+    bound: float = 0.0  # the backbone alone on the same two views, measured after each step
 
     @property
     def seconds(self) -> float:
@@ -163,7 +164,7 @@ class Totals:
     def sum(cls, parts: list["Totals"]) -> "Totals":
         out = cls()
         for p in parts:
-            for name in ("steps", "samples", "skipped", "data", "refs", "features", "update"):
+            for name in ("steps", "samples", "skipped", "data", "refs", "features", "update", "bound"):
                 setattr(out, name, getattr(out, name) + getattr(p, name))
         return out
 
@@ -224,11 +225,22 @@ class Loop:
                 out.refs += self.refs.seconds
                 out.features += t2 - t1 - self.refs.seconds
                 out.update += t3 - t2
+                out.bound += self.backbone_bound(batch)
         finally:
             del it  # the last reference: its loader processes shut down
             gc.collect()
         self.rounds.append(out)
         return out
+
+
+    def backbone_bound(self, batch: dict) -> float:
+        """Seconds of the frozen backbone alone on the step's two views: the floor of a step."""
+        backbone = self.step_math.backbone
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            backbone(batch["view1"])
+            backbone(batch["view2"])
+        return time.perf_counter() - t0
 
 
 def ours_batches(cfg: Config, backbone) -> Callable[[int], Iterator[dict]]:
