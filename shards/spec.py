@@ -21,12 +21,23 @@ class Strict(BaseModel):
 class SynthSpec(Strict):
     """Generate synthetic data into the source's root when the root does not exist yet."""
 
-    classes: Union[int, list[str]] = Field(4, description="number of classes, or class names (synth_*)")
+    classes: Union[int, list[str], None] = Field(
+        None, description="number of classes (the first N of the family, or of all), or class names (synth_*); "
+        "default: the family's classes, or 4"
+    )
     normal: int = Field(20, ge=1, description="normal images per class (per view in realiad)")
     abnormal: int = Field(10, ge=0, description="abnormal images per class")
-    size: int = Field(256, ge=32, le=4096, description="image side in pixels")
+    size: int = Field(256, ge=32, le=4096, description="image width in pixels (and height unless height is set)")
+    height: int | None = Field(None, ge=32, le=4096, description="image height in pixels (default: size, square)")
     views: int = Field(5, ge=1, le=5, description="camera views (realiad layout only)")
     seed: int = 0
+    family: Literal["pretrain", "val", "eval"] | None = Field(
+        None, description="a family of classes and defect types, disjoint from the others (docs/synth.md)"
+    )
+    camera: bool = Field(True, description="camera effects on rendered classes: noise, vignetting, blur, perspective")
+    base_images: str | None = Field(None, description="a local folder of your own normal images: the one class")
+    base_mode: Literal["whole", "tile"] = Field("whole", description="base images used whole, or cut into tiles")
+    tile: int | None = Field(None, ge=16, description="tile width in pixels of the base images (tile mode; default: size)")
 
 
 class SourceSpec(Strict):

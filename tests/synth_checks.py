@@ -8,6 +8,11 @@ import cv2
 import numpy as np
 
 
+CAMERA_COVERED = 0.9
+"""With camera effects, the share of mask pixels that must change in the written 8-bit image
+(edge pixels whose change the blur and the warp weakened below half a grey level keep their value)."""
+
+
 def read(path: Path, flags: int = cv2.IMREAD_UNCHANGED) -> np.ndarray:
     img = cv2.imread(str(path), flags)
     assert img is not None, f"unreadable image {path}"

@@ -1,8 +1,9 @@
-"""Synthetic classes and defects with exact masks; determinism, size extremes, base images, user
-errors and the command line."""
+"""Synthetic classes and defects with exact masks; determinism, size extremes, base images (whole
+and in tiles), camera effects, user errors and the command line."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import cv2
@@ -12,6 +13,10 @@ import pytest
 from pipeline.cli import main
 from shards.errors import UserError
 from shards import synth
+from shards.spec import SourceSpec, SynthSpec
+from shards.synth.camera import HEADROOM, draw_camera
+from shards.synth.flaws import estimate_cells
+from shards.synth.samples import ClassSource
 from shards.synth.defects import (
     AREA_MAX,
     AREA_MIN,
@@ -22,9 +27,9 @@ from shards.synth.defects import (
     DefectSpec,
     apply_defect,
     plan_defects,
-    _blob,
 )
 from shards.synth.draw import to_uint8
+from shards.synth.shapes import blob as _blob
 from shards.synth.objects import _hexagon_sdf
 from shards.synth.products import CLASSES, render_class
 from shards.synth.views import view_homography, warp_view
@@ -236,3 +241,85 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     rc = main(["synth", "--layout", "mvtec", "--out", str(tmp_path / "x"), "--class", "synth_nope"])
     assert rc == 2
     assert "unknown class 'synth_nope'" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- camera effects
+
+
+def _reflect101(i: int, n: int) -> int:
+    while i < 0 or i >= n:
+        i = -i if i < 0 else 2 * (n - 1) - i
+    return i
+
+
+def test_camera_matches_a_float64_reference() -> None:
+    """Camera.shoot against float64: bilinear sampling through the homography, the truncated
+    Gaussian (border reflected), vignetting and exposure, black level, shot and read noise."""
+    h, w = 14, 18
+    img = np.random.default_rng(0).random((h, w, 3)).astype(np.float32)
+    for seed in range(6):
+        cam = draw_camera(np.random.default_rng(seed), h, w, grey=seed % 2 == 0)
+        cam.sigma, cam.radius = (0.6, 2) if seed < 4 else (0.0, 0)
+        warped = np.zeros((h, w, 3))
+        for y in range(h):
+            for x in range(w):
+                u, v, s = cam.hom @ np.array([x, y, 1.0])
+                u, v = u / s, v / s
+                x0, y0 = int(np.floor(u)), int(np.floor(v))
+                fx, fy = u - x0, v - y0
+                px = [_reflect101(x0, w), _reflect101(x0 + 1, w)]
+                py = [_reflect101(y0, h), _reflect101(y0 + 1, h)]
+                warped[y, x] = ((1 - fx) * (1 - fy) * img[py[0], px[0]] + fx * (1 - fy) * img[py[0], px[1]]
+                                + (1 - fx) * fy * img[py[1], px[0]] + fx * fy * img[py[1], px[1]])
+        blurred = warped
+        if cam.radius:
+            k = np.exp(-np.arange(-cam.radius, cam.radius + 1) ** 2 / (2 * cam.sigma**2))
+            k /= k.sum()
+            rows = np.array([[sum(k[j] * warped[y, _reflect101(x + j - cam.radius, w)] for j in range(len(k)))
+                              for x in range(w)] for y in range(h)])
+            blurred = np.array([[sum(k[j] * rows[_reflect101(y + j - cam.radius, h), x] for j in range(len(k)))
+                                 for x in range(w)] for y in range(h)])
+        lin = cam.black + (1 - cam.black - HEADROOM) * blurred * cam.gain.astype(np.float64)
+        ref = np.clip(lin + cam.z * np.sqrt(cam.read**2 + cam.shot**2 * np.clip(lin, 0, 1)), 0, 1)
+        assert np.abs(cam.shoot(img) - ref).max() < 2e-3, seed
+        assert cam.ring == 1 + cam.radius and cam.z.shape[-1] == (1 if seed % 2 == 0 else 3)
+
+
+def test_camera_effects_are_per_image_and_leave_out_only_a_faint_tail() -> None:
+    """Normal images with camera effects differ from the bare render by noise and the rest;
+    outside a defect's ring, the camera's own picture of the defect differs from the clean
+    twin by a few grey levels at most (what the written image leaves out)."""
+    bare = ClassSource("synth_metal", 0, 0, None, 1, camera=False).single(0, 64, None).image.astype(int)
+    shot = ClassSource("synth_metal", 0, 0, None, 1).single(0, 64, None).image.astype(int)
+    assert np.abs(bare - shot).mean() > 1.0
+    src = ClassSource("synth_tile", 0, 12, None, 1)
+    for j, spec in enumerate(src.plan):
+        rng = src._rng(1, j)
+        scene = render_class("synth_tile", rng, 64)
+        cam = draw_camera(src._rng(1, j, 7), 64, 64, False)
+        img, cov, cam = src._defect(scene, spec, rng, (64, 64), 0.9, cam)
+        item = src.single(j, 64, spec)
+        far = ~cv2.dilate(item.mask, np.ones((2 * item.ring + 1,) * 2, np.uint8)).astype(bool)
+        full = to_uint8(cam.shoot(img)).astype(int)
+        assert np.abs(full - item.clean.astype(int)).max(-1)[far].max(initial=0) <= 12
+        assert (item.image[far] == item.clean[far]).all()
+
+
+def test_estimate_cells_finds_the_first_autocorrelation_peak() -> None:
+    """The pitch of an image with no known cells against a float64 brute-force circular autocorrelation."""
+    yy, xx = np.mgrid[0:40, 0:48]
+    img = (0.5 + 0.25 * np.sin(2 * np.pi * xx / 6) + 0.2 * np.sin(2 * np.pi * yy / 10))[..., None].repeat(3, -1)
+    cells = estimate_cells(np.random.default_rng(0), img.astype(np.float32))
+    g = img.mean(-1) - img.mean()
+    ac_x = [float((g * np.roll(g, -k, 1)).sum()) for k in range(16)]
+    ac_y = [float((g * np.roll(g, -k, 0)).sum()) for k in range(13)]
+    first = [next(i for i in range(3, len(a) - 1) if a[i] >= a[i - 1] and a[i] > a[i + 1]) for a in (ac_x, ac_y)]
+    assert (cells.pu, cells.pv) == (6.0, 10.0) == tuple(map(float, first))
+
+
+def test_configured_source_passes_the_new_settings(tmp_path: Path) -> None:
+    spec = SourceSpec(name="s", layout="mvtec", root=str(tmp_path / "root"), split="val",
+                      synth=SynthSpec(family="eval", classes=1, normal=1, abnormal=1, size=40, height=32, seed=2))
+    synth.generate_source(spec)
+    info = json.loads((tmp_path / "root" / synth.INFO_FILE).read_text())
+    assert (info["family"], info["classes"], info["height"], info["seed"]) == ("eval", ["synth_wafer"], 32, 2)

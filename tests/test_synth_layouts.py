@@ -1,5 +1,5 @@
-"""Synthetic data in each public layout: file names and formats, exact masks, split and
-annotation files."""
+"""Synthetic data in each public layout: file names and formats, exact masks (with and without
+camera effects), split and annotation files, non-square images through every layout's reader."""
 
 from __future__ import annotations
 
@@ -15,10 +15,13 @@ import tifffile
 
 from shards.errors import UserError
 from shards import synth
+from shards.record import load_sample
+from shards.sources import scan_source
+from shards.spec import SourceSpec
 from shards.synth.defects import DEFECT_TYPES, REALIAD_CODES
 from shards.synth.samples import ClassSource
 pytest.register_assert_rewrite("synth_checks")
-from synth_checks import assert_exact, check_mask, read  # noqa: E402
+from synth_checks import CAMERA_COVERED, assert_exact, check_mask, read  # noqa: E402
 
 SMALL = dict(normal=5, abnormal=4, size=64)
 
@@ -49,19 +52,27 @@ def test_mvtec_layout(tmp_path: Path, layout: str) -> None:
     assert info["synthetic"] and info["layout"] == layout
 
 
-def test_written_mask_is_exactly_the_change(tmp_path: Path) -> None:
-    """The PNG on disk differs from the same instance without the defect exactly under its mask."""
-    synth.generate("mvtec", tmp_path, classes=["synth_nut", "synth_tile"], normal=2, abnormal=6, size=64)
+@pytest.mark.parametrize("camera", [False, True])
+def test_written_mask_is_exactly_the_change(tmp_path: Path, camera: bool) -> None:
+    """The PNG on disk differs from the same instance without the defect exactly under its mask;
+    with camera effects, within the blur's ring of the mask (and nearly every mask pixel changed)."""
+    synth.generate("mvtec", tmp_path, classes=["synth_nut", "synth_tile"], normal=2, abnormal=6, size=64, camera=camera)
     for cls in ("synth_nut", "synth_tile"):
-        src = ClassSource(cls, 0, 6, None, 2)
+        src = ClassSource(cls, 0, 6, None, 2, camera=camera)
         seen: dict[str, int] = {}
         for j, spec in enumerate(src.plan):
             k = seen.get(spec.kind, 0)
             seen[spec.kind] = k + 1
             img = read(tmp_path / cls / "test" / spec.kind / f"{k:03d}.png", cv2.IMREAD_COLOR)[..., ::-1]
             mask = read(tmp_path / cls / "ground_truth" / spec.kind / f"{k:03d}_mask.png")
-            clean = src.single(j, 64, spec).clean
-            assert_exact(clean, img, mask)
+            item = src.single(j, 64, spec)
+            assert (item.mask == mask).all()
+            if camera:
+                assert 1 <= item.ring <= 3
+                assert_exact(item.clean, img, mask, ring=item.ring, covered=CAMERA_COVERED)
+            else:
+                assert item.ring == 1
+                assert_exact(item.clean, img, mask)
 
 
 def test_visa_layout(tmp_path: Path) -> None:
@@ -161,14 +172,43 @@ def test_realiad_layout_and_json(tmp_path: Path) -> None:
     assert s.images == 2 * 6 * 5
 
 
-def test_realiad_views_are_exact_and_differ(tmp_path: Path) -> None:
-    src = ClassSource("synth_pill", 0, 4, None, 1)
+@pytest.mark.parametrize("camera", [False, True])
+def test_realiad_views_are_exact_and_differ(tmp_path: Path, camera: bool) -> None:
+    src = ClassSource("synth_pill", 0, 4, None, 1, camera=camera)
     for j, spec in enumerate(src.plan):
         items = src.views(j, 64, 5, spec)
         assert len(items) == 5
         for item in items:
             if item.mask is not None:
-                assert_exact(item.clean, item.image, item.mask, covered=0.95)
+                assert item.ring == 1 if not camera else 1 <= item.ring <= 3
+                assert_exact(item.clean, item.image, item.mask, ring=item.ring, covered=0.95 if not camera else CAMERA_COVERED)
             else:
                 assert (item.image == item.clean).all()
         assert all(np.abs(a.clean.astype(int) - b.clean.astype(int)).mean() > 2 for a, b in zip(items, items[1:]))
+
+
+# --------------------------------------------------------------------------- non-square images
+
+
+@pytest.mark.parametrize("layout", synth.SYNTH_LAYOUTS)
+def test_non_square_images_through_every_layout_and_its_reader(tmp_path: Path, layout: str) -> None:
+    """48 wide, 32 high: every file the layout writes has that size, the layout's reader finds
+    every image, and every record loads with its mask of the image's size."""
+    classes = ["synth_gear", "synth_label"] if layout != "btad" else ["synth_gear", "synth_label", "synth_weave"]
+    s = synth.generate(layout, tmp_path, classes=classes, normal=3, abnormal=2, size=48, height=32, views=2)
+    assert json.loads((tmp_path / synth.INFO_FILE).read_text())["height"] == 32
+    for path in tmp_path.rglob("*"):
+        if path.suffix.lower() in (".png", ".jpg", ".bmp"):
+            assert read(path).shape[:2] == (32, 48), path
+        elif path.suffix == ".tiff":
+            assert tifffile.imread(path).shape == (32, 48, 3)
+    scan = scan_source(SourceSpec(name="ns", layout=layout, root=str(tmp_path), split="pretrain"))
+    assert scan.quarantined == [] and len(scan.records) == s.images
+    for rec in scan.records:
+        sample = load_sample(rec)
+        assert (sample.meta["width"], sample.meta["height"]) == (48, 32)
+        assert sample.meta["has_mask"] == bool(rec.label)
+        masks = [data for name, data in sample.members if name.endswith(".mask.png")]
+        if masks:
+            mask = cv2.imdecode(np.frombuffer(masks[0], np.uint8), cv2.IMREAD_UNCHANGED)
+            assert mask.shape == (32, 48) and mask.any()

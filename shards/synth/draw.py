@@ -21,6 +21,18 @@ F32 = np.float32
 Rng = np.random.Generator
 
 
+@dataclass(frozen=True)
+class Cells:
+    """The cells of a periodic product: pitches (pixels) along the rotated axes u and v, the
+    rotation, and a point where four cells meet. u = (x - x0) cos + (y - y0) sin, v = -(x - x0) sin + (y - y0) cos."""
+
+    pu: float
+    pv: float
+    angle: float = 0.0
+    x0: float = 0.0
+    y0: float = 0.0
+
+
 @dataclass
 class Scene:
     """A rendered normal image, with the product's coverage and what lies behind it."""
@@ -28,6 +40,9 @@ class Scene:
     image: np.ndarray  # (H, W, 3) float32
     obj: np.ndarray | None  # (H, W) float32 coverage of the product; None: the whole image
     background: np.ndarray | None  # (H, W, 3) float32 seen through a missing piece; None: dark backing
+    grey: bool = False  # a grey-level product: the three channels are equal, and stay so with a defect
+    cells: Cells | None = None  # the cells of a periodic product; None: not periodic, or not known
+    plain: np.ndarray | None = None  # (H, W, 3) the product without its periodic features (a cell left out)
 
 
 @lru_cache(maxsize=8)
@@ -75,7 +90,7 @@ def rotated(h: int, w: int, angle: float, cx: float | None = None, cy: float | N
     return x * c + y * s, -x * s + y * c
 
 
-def _coarse(h: int, w: int, factor: int = 8) -> tuple[np.ndarray, np.ndarray, int, int]:
+def coarse(h: int, w: int, factor: int = 8) -> tuple[np.ndarray, np.ndarray, int, int]:
     """Full-resolution pixel coordinates of a grid ``factor`` times coarser: (x, y, gh, gw)."""
     gh, gw = max(2, h // factor), max(2, w // factor)
     yy, xx = np.mgrid[0:gh, 0:gw].astype(F32)
@@ -88,7 +103,7 @@ def upsample(small: np.ndarray, h: int, w: int) -> np.ndarray:
 
 def illumination(rng: Rng, h: int, w: int, strength: float) -> np.ndarray:
     """A smooth illumination gain: a linear gradient in a random direction and a vignette."""
-    x, y, _, _ = _coarse(h, w)
+    x, y, _, _ = coarse(h, w)
     ang = rng.uniform(0, 2 * math.pi)
     x, y = x - F32(w / 2), y - F32(h / 2)
     u = x * F32(math.cos(ang)) + y * F32(math.sin(ang))
@@ -96,6 +111,25 @@ def illumination(rng: Rng, h: int, w: int, strength: float) -> np.ndarray:
     r2 = (x * x + y * y) / F32(half * half)
     gain = 1 + F32(strength * rng.uniform(0.3, 1.0) / max(h, w)) * u - F32(rng.uniform(0.0, 0.12)) * r2
     return upsample(gain.astype(F32), h, w)
+
+
+def lighting(rng: Rng, h: int, w: int, s: int, hot: float = 0.3) -> np.ndarray:
+    """Brightness that varies across the part: a gradient in a random direction and, in most
+    images, a hot spot (a broad highlight of up to ``hot`` extra brightness) somewhere on it."""
+    x, y, _, _ = coarse(h, w)
+    ang = rng.uniform(0, 2 * math.pi)
+    u = (x - F32(w / 2)) * F32(math.cos(ang)) + (y - F32(h / 2)) * F32(math.sin(ang))
+    gain = 1 + F32(rng.uniform(0.08, 0.3) / max(h, w)) * u
+    if rng.random() < 0.75:
+        hx, hy = rng.uniform(0.1, 0.9) * w, rng.uniform(0.1, 0.9) * h
+        r = F32(rng.uniform(0.15, 0.45) * s)
+        gain = gain + F32(rng.uniform(0.05, hot)) * np.exp(-((x - F32(hx)) ** 2 + (y - F32(hy)) ** 2) / (2 * r * r))
+    return upsample(gain.astype(F32), h, w)
+
+
+def grey3(v: np.ndarray) -> np.ndarray:
+    """A grey-level image (H, W) as RGB with three equal channels."""
+    return np.repeat(np.asarray(v, F32)[..., None], 3, -1)
 
 
 def jitter(rng: Rng, colour, amount: float = 0.05) -> np.ndarray:
@@ -134,7 +168,7 @@ def coverage(sdf: np.ndarray) -> np.ndarray:
 def backdrop(rng: Rng, h: int, w: int, colour, noise: float) -> np.ndarray:
     """A plain surface behind a product: a colour with smooth blotches and uneven light."""
     s = max(h, w)
-    x, y, _, _ = _coarse(h, w, 4)
+    x, y, _, _ = coarse(h, w, 4)
     n = fbm(rng, x / F32(s * 0.25), y / F32(s * 0.25), 2) - 0.5
     base = jitter(rng, colour, 0.04)
     img = upsample((base * (1 + F32(noise) * n)[..., None]).astype(F32), h, w)

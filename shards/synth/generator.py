@@ -22,9 +22,10 @@ from shards.errors import UserError
 from shards.spec import SourceSpec
 from shards.synth.defects import DEFECT_TYPES, REALIAD_CODES
 from shards.synth.layouts import BTAD_FORMATS, SYNTH_LAYOUTS, WRITERS
-from shards.synth.output import Run, Sink, SynthSummary
+from shards.synth.base import BASE_MODES, Piece, list_base_images, tiles
+from shards.synth.families import FAMILY_NAMES, FAMILY_OF_CLASS, defect_types, family_classes, get_family
+from shards.synth.output import Options, Run, Sink, SynthSummary
 from shards.synth.products import CLASS_NAMES
-from shards.synth.samples import list_base_images
 
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,10 @@ INFO_FILE = "synth_info.json"
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]*")
 
 
-def _class_list(classes: int | list[str], layout: str, base: list[Path] | None, base_images) -> list[str]:
+def _class_list(classes, family: str | None, layout: str, base: list | None, base_images) -> list[str]:
     if base is not None:
+        if family is not None:
+            get_family(family)
         if isinstance(classes, (list, tuple)):
             if len(classes) != 1:
                 raise UserError(
@@ -46,59 +49,76 @@ def _class_list(classes: int | list[str], layout: str, base: list[Path] | None, 
             return [name]
         stem = re.sub(r"[^a-z0-9]+", "_", Path(base_images).resolve().name.lower()).strip("_") or "images"
         return [f"synth_{stem}"]
-    if isinstance(classes, (list, tuple)):
-        unknown = [c for c in classes if c not in CLASS_NAMES]
-        if unknown:
-            raise UserError(f"synth: unknown class {', '.join(map(repr, unknown))}; valid classes: {', '.join(CLASS_NAMES)}")
-        if not classes or len(set(classes)) != len(classes):
-            raise UserError(f"synth: give each class once (got {list(classes)})")
-        names = list(classes)
-    else:
-        if isinstance(classes, bool) or not isinstance(classes, int) or not 1 <= classes <= len(CLASS_NAMES):
-            raise UserError(f"synth: --classes must be between 1 and {len(CLASS_NAMES)} (got {classes!r})")
-        names = list(CLASS_NAMES[:classes])
+    names = family_classes(family, classes)
     if layout == "btad" and len(names) > len(BTAD_FORMATS):
         raise UserError(
-            f"synth: the btad layout has three products (01, 02, 03); asked for {len(names)} classes. Use --classes 3 or fewer"
+            f"synth: the btad layout has three products (01, 02, 03); asked for {len(names)} classes"
+            f"{f' (family {family!r})' if family else ''}. Use --classes 3 or fewer"
         )
     return names
+
+
+def _base_pieces(base_images, base_mode: str, tile: int | None, size: int, height: int | None) -> list[Piece] | None:
+    """The pieces of the user's images: one per image (whole), or every tile of every image."""
+    if base_mode not in BASE_MODES:
+        raise UserError(f"synth: --base-mode must be one of {', '.join(BASE_MODES)} (got {base_mode!r})")
+    if base_images is None:
+        if base_mode != "whole" or tile is not None:
+            raise UserError("synth: --base-mode tile and --tile cut the images of --base-images DIR; give --base-images too")
+        return None
+    files = list_base_images(base_images)
+    if base_mode == "whole":
+        if tile is not None:
+            raise UserError("synth: --tile applies to --base-mode tile only; add --base-mode tile or leave out --tile")
+        return [Piece(f) for f in files]
+    tw = size if tile is None else tile
+    return tiles(files, tw, round(tw * (height or size) / size))
 
 
 def generate(
     layout: str,
     out: str | Path,
     *,
-    classes: int | list[str] = 4,
+    classes: int | list[str] | None = None,
     normal: int = 20,
     abnormal: int = 10,
     size: int = 256,
+    height: int | None = None,
     views: int = 5,
     seed: int = 0,
+    family: str | None = None,
     base_images: str | Path | None = None,
+    base_mode: str = "whole",
+    tile: int | None = None,
+    camera: bool = True,
     progress: bool = False,
 ) -> SynthSummary:
     """Write synthetic normal and abnormal images of ``classes`` in ``layout`` under ``out``.
 
-    ``classes``: the first N of :data:`CLASS_NAMES`, or a list of names. ``normal`` and
-    ``abnormal``: images per class (physical samples for realiad, each shot in ``views``
-    views). ``base_images``: a folder of the user's normal images, used as the one class
-    (its name from the folder, or the single name in ``classes``); defects are rendered
-    onto them. Files are written to a temporary name and renamed.
+    ``classes``: the first N classes (of ``family``, or of :data:`CLASS_NAMES`), or a list of
+    names; default the family's classes (4 without one). ``normal`` and ``abnormal``: images
+    per class (physical samples for realiad, each shot in ``views`` views). ``size`` x
+    ``height`` (default square). ``base_images``: a folder of the user's normal images, used
+    as the one class (its name from the folder, or the single name in ``classes``), whole or
+    cut into ``tile``-wide tiles (``base_mode``); defects of ``family`` (every type without
+    one) are rendered onto them. ``camera``: real-camera effects on the rendered classes.
+    Files are written to a temporary name and renamed.
     """
-    _check_args(layout, normal, abnormal, size, views)
-    base = list_base_images(base_images) if base_images is not None else None
-    names = _class_list(classes, layout, base, base_images)
+    _check_args(layout, normal, abnormal, size, views, height, tile)
+    base = _base_pieces(base_images, base_mode, tile, size, height)
+    names = _class_list(classes, family, layout, base, base_images)
     if base is not None and len(base) < normal:
-        log.warning("synth: %s holds %d images, fewer than --normal %d; using all of them as normal images",
-                    base_images, len(base), normal)
+        log.warning("synth: %s holds %d %s, fewer than --normal %d; using all of them as normal images",
+                    base_images, len(base), "tiles" if base_mode == "tile" else "images", normal)
         normal = len(base)
+    opts = Options(names, normal, abnormal, size, height, views, seed, base, family, bool(camera))
     per_class = (normal + abnormal) * (views if layout == "realiad" else 1)
     sink = Sink(out)
     start = time.perf_counter()
     with tqdm(total=per_class * len(names), disable=not progress, unit="img", desc=f"synth {layout}") as bar:
-        run = Run(layout, sink, names, normal, abnormal, size, views, seed, base, bar)
+        run = Run(layout, sink, opts, bar)
         WRITERS[layout](run)
-    info = _info(layout, names, normal, abnormal, size, views, seed, base_images)
+    info = _info(layout, opts, base_images, base_mode)
     sink.write(INFO_FILE, (json.dumps(info, indent=1) + "\n").encode())
     summary = run.summary
     summary.bytes = sink.bytes
@@ -107,36 +127,45 @@ def generate(
     return summary
 
 
-def _check_args(layout: str, normal: int, abnormal: int, size: int, views: int) -> None:
+def _check_args(layout: str, normal: int, abnormal: int, size: int, views: int, height: int | None,
+                tile: int | None) -> None:
     if layout not in SYNTH_LAYOUTS:
         raise UserError(f"synth: unknown layout {layout!r}; valid layouts: {', '.join(SYNTH_LAYOUTS)}")
-    for key, value, lo, hi in (("normal", normal, 1, None), ("abnormal", abnormal, 0, None),
-                               ("size", size, 32, 4096), ("views", views, 1, 5)):
+    checks = [("normal", normal, 1, None), ("abnormal", abnormal, 0, None), ("size", size, 32, 4096), ("views", views, 1, 5)]
+    checks += [("height", height, 32, 4096)] if height is not None else []
+    checks += [("tile", tile, 16, 16384)] if tile is not None else []
+    for key, value, lo, hi in checks:
         if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
             bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
             raise UserError(f"synth: --{key} must be an integer {bound} (got {value!r})")
 
 
-def _info(layout: str, names: list[str], normal: int, abnormal: int, size: int, views: int, seed: int,
-          base_images: str | Path | None) -> dict:
+def _info(layout: str, opts: Options, base_images: str | Path | None, base_mode: str) -> dict:
     """The contents of ``synth_info.json``: the data is synthetic, and how it was made."""
+    types = [t for t in DEFECT_TYPES if any(t in defect_types(None if opts.base else n, opts.family) for n in opts.names)]
     info = {
         "synthetic": True,
         "generator": "adpretrain synth",
         "layout": layout,
-        "classes": names,
-        "normal": normal,
-        "abnormal": abnormal,
-        "size": size,
-        "views": views if layout == "realiad" else 1,
-        "seed": seed,
+        "classes": opts.names,
+        "family": opts.family,
+        "families": {n: FAMILY_OF_CLASS.get(n) for n in opts.names} if opts.base is None else {},
+        "normal": opts.normal,
+        "abnormal": opts.abnormal,
+        "size": opts.size,
+        "height": opts.height or opts.size,
+        "views": opts.views if layout == "realiad" else 1,
+        "seed": opts.seed,
+        "camera": opts.camera and opts.base is None,
         "base_images": str(base_images) if base_images is not None else None,
-        "defect_types": list(DEFECT_TYPES),
+        "base_mode": base_mode if base_images is not None else None,
+        "tiles": len(opts.base) if opts.base is not None and base_mode == "tile" else None,
+        "defect_types": types,
     }
     if layout == "btad":
-        info["products"] = dict(zip(BTAD_FORMATS, names))
+        info["products"] = dict(zip(BTAD_FORMATS, opts.names))
     if layout == "realiad":
-        info["realiad_codes"] = REALIAD_CODES
+        info["realiad_codes"] = {t: REALIAD_CODES[t] for t in types}
     return info
 
 
@@ -145,17 +174,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layout", required=True, choices=SYNTH_LAYOUTS, help="on-disk layout of a public dataset")
     parser.add_argument("--out", required=True, help="output folder (created if missing), or an fsspec URL")
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--classes", type=int, default=4, metavar="N",
-                       help=f"the first N classes of: {', '.join(CLASS_NAMES)} (default 4)")
+    group.add_argument("--classes", type=int, default=None, metavar="N",
+                       help="the first N classes of the family, or of all classes (default: the family's, or 4): "
+                       + ", ".join(CLASS_NAMES))
     group.add_argument("--class", dest="class_names", action="append", metavar="NAME",
                        help="a class by name (repeat for several)")
+    parser.add_argument("--family", default=None, choices=FAMILY_NAMES,
+                        help="classes and defect types of one family (see docs/synth.md)")
     parser.add_argument("--normal", type=int, default=20, help="normal images per class (samples in realiad; default 20)")
     parser.add_argument("--abnormal", type=int, default=10, help="abnormal images per class (samples in realiad; default 10)")
-    parser.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
+    parser.add_argument("--size", type=int, default=256, help="image width in pixels (default 256)")
+    parser.add_argument("--height", type=int, default=None, help="image height in pixels (default: --size, square)")
     parser.add_argument("--views", type=int, default=5, help="camera views per sample, realiad only (default 5)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files")
+    parser.add_argument("--no-camera", dest="camera", action="store_false",
+                        help="no camera effects (noise, vignetting, blur, perspective) on the rendered classes")
     parser.add_argument("--base-images", default=None, metavar="DIR",
                         help="folder of your own normal images (jpg/png): the normal class, with synthetic defects")
+    parser.add_argument("--base-mode", default="whole", choices=BASE_MODES,
+                        help="whole: each base image is one image; tile: cut them into tiles (default whole)")
+    parser.add_argument("--tile", type=int, default=None, metavar="PX",
+                        help="tile width in pixels of the base images, tile mode only (default: --size)")
 
 
 def generate_from_args(args: argparse.Namespace) -> SynthSummary:
@@ -167,9 +206,14 @@ def generate_from_args(args: argparse.Namespace) -> SynthSummary:
         normal=args.normal,
         abnormal=args.abnormal,
         size=args.size,
+        height=args.height,
         views=args.views,
         seed=args.seed,
+        family=args.family,
         base_images=args.base_images,
+        base_mode=args.base_mode,
+        tile=args.tile,
+        camera=args.camera,
         progress=True,
     )
 
@@ -192,7 +236,8 @@ def generate_source(spec: SourceSpec, progress: bool = False) -> None:
     try:
         out = os.path.join(tmp, "root")
         generate(spec.layout, out, classes=s.classes, normal=s.normal, abnormal=s.abnormal, size=s.size,
-                 views=s.views, seed=s.seed, progress=progress)
+                 height=s.height, views=s.views, seed=s.seed, family=s.family, base_images=s.base_images,
+                 base_mode=s.base_mode, tile=s.tile, camera=s.camera, progress=progress)
         if local:
             os.replace(out, spec.root)
         else:

@@ -112,8 +112,8 @@ def _write_mvtec3d(run: Run) -> None:
 
     gt exists for every test image (all zero for test/good), as in the original; xyz is an
     all-zero (no valid point) organised point cloud of the image's size."""
-    xyz = encode(np.zeros((run.size, run.size, 3), np.float32), ".tiff")
-    empty = np.zeros((run.size, run.size), np.uint8)
+    xyz = encode(np.zeros((run.height, run.size, 3), np.float32), ".tiff")
+    empty = np.zeros((run.height, run.size), np.uint8)
 
     def put(cls: str, folder: str, stem: str, item: Item, gt: bool) -> None:
         run.image(cls, f"{cls}/{folder}/rgb/{stem}.png", item, ".png")

@@ -16,6 +16,7 @@ import tifffile
 from tqdm import tqdm
 
 from shards.errors import StorageError, UserError
+from shards.synth.base import Piece
 from shards.synth.samples import ClassSource, Item
 
 
@@ -109,20 +110,38 @@ def encode(img: np.ndarray, suffix: str) -> bytes:
     return buf.tobytes()
 
 
+@dataclass
+class Options:
+    """What one generate() call renders: the classes, counts, image size and effects."""
+
+    names: list[str]
+    normal: int
+    abnormal: int
+    size: int  # width
+    height: int | None  # None: square
+    views: int
+    seed: int
+    base: list[Piece] | None  # the pieces of the user's images; None: rendered classes
+    family: str | None
+    camera: bool
+
+
 class Run:
     """The state of one generate() call shared by the layout writers."""
 
-    def __init__(self, layout: str, sink: Sink, names: list[str], normal: int, abnormal: int, size: int,
-                 views: int, seed: int, base: list[Path] | None, bar: tqdm) -> None:
-        self.layout, self.sink, self.names = layout, sink, names
-        self.normal, self.abnormal, self.size, self.views, self.seed = normal, abnormal, size, views, seed
-        self.base, self.bar = base, bar
+    def __init__(self, layout: str, sink: Sink, opts: Options, bar: tqdm) -> None:
+        self.layout, self.sink, self.opts, self.bar = layout, sink, opts, bar
+        self.names, self.normal, self.abnormal = opts.names, opts.normal, opts.abnormal
+        self.size, self.views, self.seed = opts.size, opts.views, opts.seed
+        self.height = opts.height or opts.size
         self.summary = SynthSummary(layout, str(sink.root))
 
     def sources(self) -> Iterator[ClassSource]:
+        o = self.opts
         for name in self.names:
             self.summary.classes[name] = {"normal": 0, "abnormal": 0}
-            yield ClassSource(name, self.seed, self.abnormal, self.base, self.normal)
+            yield ClassSource(name, o.seed, o.abnormal, o.base, o.normal, height=o.height, family=o.family,
+                              camera=o.camera)
 
     def image(self, cls: str, rel: str, item: Item, suffix: str) -> None:
         self.sink.write(rel, encode(item.image, suffix))

@@ -2,28 +2,30 @@
 planned defects, and the single image or the camera views of one sample.
 
 Every image draws its random numbers from a generator seeded by (seed, class name, role,
-index), independent of which other classes are generated and in which order.
+index), independent of which other classes are generated and in which order; its camera
+effects from a second generator seeded the same way, so that they do not depend on how
+often a defect had to be placed again.
 """
 
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 
-import cv2
 import numpy as np
 
-from shards.errors import UserError
+from shards.synth.base import Piece, scene_from_piece
+from shards.synth.camera import Camera, develop, draw_camera
 from shards.synth.defects import MASK_LEVEL, DefectSpec, apply_defect, plan_defects
-from shards.synth.draw import Scene, to_uint8
-from shards.synth.products import render_class, scene_from_image
+from shards.synth.draw import Scene
+from shards.synth.families import defect_types
+from shards.synth.products import render_class
 from shards.synth.views import view_homography, view_light, warp_view
 
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 REALIAD_CANVAS = 1.35
 """A Real-IAD sample is rendered on a canvas this much larger than a view, then shot from each view."""
+MIN_MASK_PX = 4
 
 
 @dataclass
@@ -34,6 +36,7 @@ class Item:
     mask: np.ndarray | None  # (H, W) uint8 0/255, None for a normal image
     defect: str | None
     clean: np.ndarray  # the same instance without the defect (the image itself when normal)
+    ring: int = 1  # every pixel that differs from ``clean`` lies within this many pixels of the mask
 
 
 def seed_of(name: str) -> int:
@@ -41,85 +44,89 @@ def seed_of(name: str) -> int:
 
 
 class ClassSource:
-    """Normal scenes of one class (rendered, or the user's images) and its planned defects."""
+    """Normal scenes of one class (rendered, or pieces of the user's images) and its planned defects.
 
-    def __init__(self, name: str, seed: int, abnormal: int, base_files: list[Path] | None, normal: int) -> None:
+    ``family``: the defect types of a class made from the user's images (None: every type);
+    a synthetic class always draws its own family's. ``camera``: real-camera effects on the
+    rendered classes (the user's images are photographs already and get none)."""
+
+    def __init__(self, name: str, seed: int, abnormal: int, base_files: list[Piece] | None, normal: int, *,
+                 height: int | None = None, family: str | None = None, camera: bool = True) -> None:
         self.name = name
         self.seed = seed
         self.base_files = base_files
-        self.plan = plan_defects(self._rng(2, 0), abnormal)
+        self.height = height
+        self.types = defect_types(None if base_files is not None else name, family)
+        self.camera = camera and base_files is None
+        self.plan = plan_defects(self._rng(2, 0), abnormal, self.types)
         if base_files is not None:
             self.normal_files = base_files[:normal]
             self.abnormal_files = base_files[normal:] or base_files
 
-    def _rng(self, role: int, index: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, seed_of(self.name), role, index])
+    def _rng(self, role: int, index: int, *extra: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, seed_of(self.name), role, index, *extra])
 
-    def _scene(self, role: int, index: int, size: int, rng: np.random.Generator, canvas: int | None = None) -> Scene:
+    def _camera(self, role: int, index: int, h: int, w: int, grey: bool, view: int | None = None) -> Camera | None:
+        if not self.camera:
+            return None
+        rng = self._rng(role, index, 7) if view is None else self._rng(role, index, 7, view)
+        return draw_camera(rng, h, w, grey, perspective=view is None)
+
+    def _scene(self, role: int, index: int, size: int, rng: np.random.Generator, canvas: tuple[int, int] | None = None) -> Scene:
+        h = self.height or size
         if self.base_files is None:
-            return render_class(self.name, rng, size, canvas)
+            return render_class(self.name, rng, size, canvas, self.height)
         files = self.normal_files if role == 0 else self.abnormal_files
-        return scene_from_image(read_rgb(files[index % len(files)]), canvas or size)
+        ch, cw = canvas or (h, size)
+        return scene_from_piece(files[index % len(files)], cw, ch)
 
-    def _defect(self, scene: Scene, spec: DefectSpec, rng: np.random.Generator, size: int, region: float):
-        for _ in range(8):
-            img, cov = apply_defect(scene, spec, rng, size, region)
-            if np.count_nonzero(cov >= MASK_LEVEL) >= 4:
-                return img, cov
+    def _defect(self, scene: Scene, spec: DefectSpec, rng: np.random.Generator, ref: tuple[int, int], region: float,
+                cam: Camera | None = None):
+        """The defect rendered into the scene, placed again until it is visible (also through the
+        camera, whose blur is dropped for this image when a thin defect keeps blurring away)."""
+        for attempt in range(8):
+            if cam is not None and attempt == 4:
+                cam = replace(cam, sigma=0.0, radius=0)
+            img, cov = apply_defect(scene, spec, rng, ref, region)
+            if np.count_nonzero(cov >= MASK_LEVEL) >= MIN_MASK_PX and (
+                    cam is None or np.count_nonzero(cam.geometry(cov) >= MASK_LEVEL) >= MIN_MASK_PX):
+                return img, cov, cam
         raise RuntimeError(f"{self.name}: could not place a visible {spec.kind} defect")
 
     def single(self, index: int, size: int, spec: DefectSpec | None) -> Item:
         """A normal image (spec None) or an abnormal one, ``index`` counting within its role."""
         role = 0 if spec is None else 1
+        h = self.height or size
         rng = self._rng(role, index)
         scene = self._scene(role, index, size, rng)
-        clean = to_uint8(scene.image)
+        cam = self._camera(role, index, h, size, scene.grey)
         if spec is None:
-            return Item(clean, None, None, clean)
-        img, cov = self._defect(scene, spec, rng, size, 0.9)
-        return Item(to_uint8(img), np.where(cov >= MASK_LEVEL, 255, 0).astype(np.uint8), spec.kind, clean)
+            shot = develop(cam, scene.image)
+            return Item(shot.image, None, None, shot.clean, 0)
+        img, cov, cam = self._defect(scene, spec, rng, (h, size), 0.9, cam)
+        shot = develop(cam, scene.image, img, cov)
+        return Item(shot.image, shot.mask, spec.kind, shot.clean, shot.ring)
 
     def views(self, index: int, size: int, views: int, spec: DefectSpec | None) -> list[Item]:
         """One physical sample shot from ``views`` cameras: C1 from above, the others tilted
-        from four sides, each with its own scale and lighting. A view that does not show the
-        defect is a normal image."""
+        from four sides, each with its own scale, lighting and camera effects. A view that
+        does not show the defect is a normal image."""
         role = 0 if spec is None else 1
+        h = self.height or size
         rng = self._rng(role, index)
-        canvas = round(size * REALIAD_CANVAS)
+        canvas = (round(h * REALIAD_CANVAS), round(size * REALIAD_CANVAS))
         scene = self._scene(role, index, size, rng, canvas)
-        img, cov = (scene.image, None) if spec is None else self._defect(scene, spec, rng, size, 0.5)
+        img, cov, _ = (scene.image, None, None) if spec is None else self._defect(scene, spec, rng, (h, size), 0.5)
         items = []
         for v in range(views):
-            hom = view_homography(rng, v, size, canvas)
-            gain = view_light(rng, size)
-            clean = to_uint8(warp_view(scene.image, hom, size) * gain)
-            mask = None if cov is None else warp_view(cov, hom, size) >= MASK_LEVEL
-            if mask is not None and mask.any():
-                # interpolation spreads faint residues of the ring; keep changes within one pixel of the mask
-                ring = cv2.dilate(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
-                shot = np.where(ring[..., None], to_uint8(warp_view(img, hom, size) * gain), clean)
-                items.append(Item(shot, np.where(mask, 255, 0).astype(np.uint8), spec.kind, clean))
+            hom = view_homography(rng, v, (h, size), scene.image.shape[:2])
+            gain = view_light(rng, (h, size))
+            cam = self._camera(role, index, h, size, scene.grey, v)
+            shot = develop(cam, warp_view(scene.image, hom, (h, size)) * gain,
+                           None if cov is None else warp_view(img, hom, (h, size)) * gain,
+                           None if cov is None else warp_view(cov, hom, (h, size)))
+            if shot.mask is not None:
+                items.append(Item(shot.image, shot.mask, spec.kind, shot.clean, shot.ring))
             else:
-                items.append(Item(clean, None, None, clean))
+                items.append(Item(shot.clean, None, None, shot.clean, 0))
         return items
-
-
-def read_rgb(path: Path) -> np.ndarray:
-    data = np.fromfile(path, np.uint8)
-    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    if img is None:
-        raise UserError(f"synth: cannot decode base image {str(path)!r}; remove it or convert it to PNG/JPEG")
-    return img[..., ::-1]
-
-
-def list_base_images(base_images: str | Path) -> list[Path]:
-    root = Path(base_images)
-    if not root.is_dir():
-        raise UserError(f"synth: --base-images {str(root)!r} is not a folder; give a folder of normal jpg/png images")
-    files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise UserError(
-            f"synth: --base-images {str(root)!r} holds no images ({', '.join(IMAGE_SUFFIXES)}); "
-            "put the normal images of the product directly in that folder"
-        )
-    return files
