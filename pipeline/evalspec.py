@@ -2,7 +2,7 @@
 
 Model selection reads ``eval.selection_metric`` = ``METHOD[+METHOD...]/KIND/METRIC``: the
 mean over the classes of the ``split: val`` sources of METRIC on KIND features, averaged over
-the METHODs (by default every evaluated method, pretrained features, image AUROC).
+the METHODs (by default the evaluated training-free methods, pretrained features, image AUROC).
 ``eval.gate`` is the no-regression gate: a version becomes champion only if, for every
 selection method, its KIND features beat each feature kind named in the gate by more than the
 margin given there (by default every other evaluated kind, margin 0; see
@@ -18,7 +18,9 @@ from pydantic import Field, model_validator
 
 from shards.spec import Strict
 
-METHODS = ("featurenorm", "patchcore", "padim")
+METHODS = ("featurenorm", "patchcore", "padim", "cflow", "uniad", "glass")
+TRAINING_FREE = ("featurenorm", "patchcore", "padim")
+"""The methods fitted without training: evaluated and selected on by default."""
 KINDS = ("raw", "residual", "pretrained")
 IMAGE_METRICS = ("image_auroc", "image_ap", "image_f1_max")
 PIXEL_METRICS = ("pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro")
@@ -49,14 +51,61 @@ def parse_selection(text: str) -> Selection:
     return Selection(methods, parts[1], parts[2])
 
 
+class CFlowSpec(Strict):
+    """CFLOW's budget and model (pipeline/evaluate/cflow.py); defaults: the paper's (GPU-sized)."""
+
+    blocks: int = Field(8, ge=1, description="coupling blocks per level")
+    clamp: float = Field(1.9, gt=0)
+    cond_dim: int = Field(128, ge=4, multiple_of=4, description="positional-encoding width")
+    epochs: int = Field(200, ge=1)
+    batch: int = Field(256, ge=1, description="patches per step")
+    lr: float = Field(2e-4, gt=0)
+
+
+class UniADSpec(Strict):
+    """UniAD's budget and model (pipeline/evaluate/uniad.py); defaults: the paper's (GPU-sized)."""
+
+    hidden: int = Field(256, ge=1)
+    heads: int = Field(8, ge=1)
+    enc_layers: int = Field(4, ge=1)
+    dec_layers: int = Field(4, ge=1)
+    ff: int = Field(1024, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    neighbour: int = Field(7, ge=1, description="side of the masked neighbourhood, in grid cells (odd)")
+    jitter_scale: float = Field(20.0, gt=0)
+    jitter_prob: float = Field(1.0, ge=0, le=1)
+    epochs: int = Field(1000, ge=1)
+    batch: int = Field(8, ge=1, description="images per step")
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    clip: float = Field(0.1, gt=0)
+
+
+class GlassSpec(Strict):
+    """GLASS's budget and model (pipeline/evaluate/glass.py); defaults: the paper's (GPU-sized)."""
+
+    hidden: int = Field(1024, ge=1)
+    layers: int = Field(2, ge=1)
+    noise: float = Field(0.015, gt=0)
+    steps: int = Field(20, ge=1, description="gradient-ascent steps per synthesis")
+    step_size: float = Field(0.001, gt=0)
+    project_every: int = Field(5, ge=1)
+    r1: float = Field(0.5, gt=0)
+    r2: float = Field(1.0, gt=0)
+    epochs: int = Field(640, ge=1)
+    batch: int = Field(8, ge=1, description="images per step")
+    lr: float = Field(1e-4, gt=0)
+
+
 class EvalSpec(Strict):
     k_shot: Literal[1, 2, 4, 8] = 8
-    methods: list[Literal[METHODS]] = list(METHODS)
+    methods: list[Literal[METHODS]] = Field(list(TRAINING_FREE), description="methods evaluated")
     kinds: list[Literal[KINDS]] = list(KINDS)
     selection_metric: str | None = Field(
         None,
         description="METHOD[+METHOD...]/KIND/METRIC: METRIC on KIND features, mean over the val classes, "
-        "averaged over the METHODs; None: every method of eval.methods on pretrained features, image_auroc",
+        "averaged over the METHODs; None: the training-free methods of eval.methods (FeatureNorm, PatchCore, "
+        "PaDiM; all of eval.methods when it has none of them) on pretrained features, image_auroc",
     )
     gate: dict[Literal[KINDS], float] | None = Field(
         None,
@@ -66,6 +115,9 @@ class EvalSpec(Strict):
     )
     coreset_ratio: float = Field(0.1, gt=0, le=1)
     padim_channels: int = Field(100, ge=1)
+    cflow: CFlowSpec = CFlowSpec()
+    uniad: UniADSpec = UniADSpec()
+    glass: GlassSpec = GlassSpec()
     max_test_images: int | None = Field(None, ge=1, description="cap per class (None: all)")
     out: str = Field("eval", description="results folder (under the run folder)")
     seed: int = 0
@@ -83,7 +135,8 @@ class EvalSpec(Strict):
         not evaluated (nothing to select)."""
         if self.selection_metric is not None:
             return parse_selection(self.selection_metric)
-        return Selection(tuple(self.methods), "pretrained", "image_auroc") if "pretrained" in self.kinds else None
+        methods = tuple(m for m in self.methods if m in TRAINING_FREE) or tuple(self.methods)
+        return Selection(methods, "pretrained", "image_auroc") if "pretrained" in self.kinds else None
 
     @property
     def gate_margins(self) -> dict[str, float]:
@@ -101,6 +154,11 @@ class EvalSpec(Strict):
                 f"eval.selection_metric {self.selection_metric!r}: every METHOD must be in eval.methods "
                 f"{list(self.methods)}, KIND in eval.kinds {list(self.kinds)} and METRIC one of {', '.join(METRICS)}"
             )
+        if self.glass.r1 >= self.glass.r2:
+            raise ValueError(f"eval.glass: r1 ({self.glass.r1}) must be below r2 ({self.glass.r2})")
+        if self.uniad.neighbour % 2 == 0 or self.uniad.hidden % self.uniad.heads:
+            raise ValueError(f"eval.uniad: neighbour must be odd (got {self.uniad.neighbour}) and hidden a multiple "
+                             f"of heads (got {self.uniad.hidden} and {self.uniad.heads})")
         missing = [k for k in self.gate_margins if k not in self.kinds]
         if missing:
             raise ValueError(f"eval.gate compares with {missing}, which eval.kinds {list(self.kinds)} does not "

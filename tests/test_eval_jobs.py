@@ -23,12 +23,18 @@ import yaml
 from pipeline.config import ConfigError, load_config
 from shards.errors import DataError, UserError
 from pipeline.evaluate.jobs import evaluate
-from pipeline.evalspec import METRICS, PIXEL_METRICS
+from pipeline.evalspec import METHODS, METRICS, PIXEL_METRICS
 from pipeline.evaluate.results import NA
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "evaltest-projector"
 SELECTION = "patchcore/pretrained/image_auroc"
+
+
+# the learned methods with the smallest budgets that still train (their quality: test_eval_learned.py)
+TINY_BUDGETS = {"cflow": {"blocks": 2, "epochs": 1}, "glass": {"hidden": 32, "steps": 2, "epochs": 1},
+                "uniad": {"hidden": 16, "heads": 2, "enc_layers": 1, "dec_layers": 1, "ff": 32, "dropout": 0.0,
+                          "neighbour": 3, "epochs": 1}}
 
 
 def _config(tmp: str) -> dict:
@@ -57,7 +63,7 @@ def _config(tmp: str) -> dict:
         "tracking": {"uri": f"sqlite:///{tmp}/mlflow.db", "experiment": "evaltest", "model_name": MODEL,
                      "system_metrics": False},
         # one method, the gate off: the value comparison alone (the gate: test_the_gate_keeps_...)
-        "eval": {"k_shot": 2, "selection_metric": SELECTION, "gate": {}},
+        "eval": {"k_shot": 2, "selection_metric": SELECTION, "gate": {}, "methods": list(METHODS), **TINY_BUDGETS},
     }
 
 

@@ -274,5 +274,11 @@ def test_make_method_from_config() -> None:
     assert isinstance(pc, PatchCore) and pc.coreset_ratio == 0.2 and pc.seed == 4
     pd = make_method("padim", spec)
     assert isinstance(pd, PaDiM) and pd.channels == 30 and pd.seed == 4
-    with pytest.raises(UserError, match="featurenorm, patchcore, padim"):
-        make_method("cflow", spec)
+    spec = EvalSpec(seed=5, cflow={"blocks": 3, "epochs": 2}, uniad={"hidden": 16, "heads": 2},
+                    glass={"steps": 4, "r1": 0.2})
+    cf, un, gl = (make_method(m, spec) for m in ("cflow", "uniad", "glass"))
+    assert (type(cf).__name__, cf.blocks, cf.epochs, cf.seed) == ("CFlow", 3, 2, 5)
+    assert (type(un).__name__, un.arch["hidden"], un.arch["heads"], un.seed) == ("UniAD", 16, 2, 5)
+    assert (type(gl).__name__, gl.steps, gl.r1, gl.seed) == ("GLASS", 4, 0.2, 5)
+    with pytest.raises(UserError, match="featurenorm, patchcore, padim, cflow, uniad, glass"):
+        make_method("draem", spec)

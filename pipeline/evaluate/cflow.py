@@ -37,8 +37,6 @@ exactly: every block is triangular or a permutation, so its log-determinant is a
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -46,22 +44,10 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from pipeline.evaluate.maps import check_features, image_scores, to_image_maps
+from pipeline.evaluate.threads import seeded
 
 GCONST = -0.5 * math.log(2 * math.pi)  # log of the standard normal density's constant
 STD_FLOOR = 1e-6
-
-
-@contextmanager
-def seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Run with torch's CPU generator (and ``device``'s, on a GPU) seeded by ``seed``, and
-    restore their states afterwards, so a fit neither depends on nor changes global state."""
-    cuda = device.type == "cuda"
-    with torch.random.fork_rng(devices=[device] if cuda else [], device_type="cuda"):
-        torch.random.default_generator.manual_seed(seed)
-        if cuda:
-            with torch.cuda.device(device):
-                torch.cuda.manual_seed(seed)
-        yield
 
 
 def positional_encoding(dim: int, h: int, w: int, device: torch.device | None = None) -> Tensor:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from pipeline.evaluate.cflow import seeded
+from pipeline.evaluate.threads import seeded
 from pipeline.evaluate.maps import check_features, image_scores, to_image_maps
 from pipeline.evaluate.patchcore import aggregate
 

@@ -7,10 +7,13 @@ from typing import Protocol, runtime_checkable
 from torch import Tensor
 
 from pipeline.config import METHODS, EvalSpec
-from shards.errors import UserError
+from pipeline.evaluate.cflow import CFlow
 from pipeline.evaluate.featurenorm import FeatureNorm
+from pipeline.evaluate.glass import GLASS
 from pipeline.evaluate.padim import PaDiM
 from pipeline.evaluate.patchcore import PatchCore
+from pipeline.evaluate.uniad import UniAD
+from shards.errors import UserError
 
 
 @runtime_checkable
@@ -37,4 +40,8 @@ def make_method(name: str, spec: EvalSpec) -> Method:
         return PatchCore(coreset_ratio=spec.coreset_ratio, seed=spec.seed)
     if name == "padim":
         return PaDiM(channels=spec.padim_channels, seed=spec.seed)
+    learned = {"cflow": (CFlow, spec.cflow), "uniad": (UniAD, spec.uniad), "glass": (GLASS, spec.glass)}
+    if name in learned:
+        cls, budget = learned[name]
+        return cls(**budget.model_dump(), seed=spec.seed)
     raise UserError(f"unknown evaluation method {name!r} (eval.methods): use one of {', '.join(METHODS)}")
