@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from pipeline.evaluate.maps import check_features, image_scores, to_image_maps
+from pipeline.evaluate.maps import check_features, check_like_fit, image_scores, to_image_maps
 from pipeline.evaluate.threads import seeded
 
 GCONST = -0.5 * math.log(2 * math.pi)  # log of the standard normal density's constant
@@ -189,11 +189,7 @@ class CFlow:
         """(L, B, h, w) log p / C of every patch under its level's flow."""
         if self.flows is None:
             raise RuntimeError("CFlow.predict called before fit")
-        b, h, w = check_features(feats)
-        widths = [f.shape[1] for f in feats]
-        if widths != self.widths or (h, w) != self.grid:
-            raise ValueError(f"features have widths {widths} on a {h}x{w} grid, "
-                             f"{self.widths} on a {self.grid[0]}x{self.grid[1]} grid at fit time")
+        b, h, w = check_like_fit(feats, self.widths, self.grid)
         cond = positional_encoding(self.cond_dim, h, w, feats[0].device).repeat(b, 1)
         return torch.stack([fl.log_likelihood(_patches(f), cond).view(b, h, w) for fl, f in zip(self.flows, feats)])
 

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from pipeline.evaluate.threads import seeded
-from pipeline.evaluate.maps import check_features, image_scores, to_image_maps
+from pipeline.evaluate.maps import check_features, check_like_fit, image_scores, to_image_maps
 from pipeline.evaluate.patchcore import aggregate
 
 EPS = 1e-10  # the released code's guard against zero norms
@@ -166,10 +166,7 @@ class GLASS:
         """(B, h, w) discriminator outputs."""
         if self.disc is None or self.proj is None or self.mean is None or self.std is None:
             raise RuntimeError("GLASS.predict called before fit")
-        b, h, w = check_features(feats)
-        widths = [f.shape[1] for f in feats]
-        if widths != self.widths:
-            raise ValueError(f"features have widths {widths}, {self.widths} at fit time")
+        b, h, w = check_like_fit(feats, self.widths)
         x = (aggregate(feats).reshape(b * h * w, -1) - self.mean) / self.std
         return self.disc(self.proj(x)).view(b, h, w)
 

@@ -27,6 +27,17 @@ def check_features(feats: list[Tensor], name: str = "features") -> tuple[int, in
     return b, h, w
 
 
+def check_like_fit(feats: list[Tensor], widths: list[int], grid: tuple[int, int] | None = None) -> tuple[int, int, int]:
+    """:func:`check_features`, and the level widths (and, when given, the grid) a method was
+    fitted on; return (B, h, w)."""
+    b, h, w = check_features(feats)
+    got = [f.shape[1] for f in feats]
+    if got != widths or (grid is not None and (h, w) != tuple(grid)):
+        on = (lambda g: f" on a {g[0]}x{g[1]} grid") if grid is not None else (lambda g: "")
+        raise ValueError(f"features have widths {got}{on((h, w))}, {widths}{on(grid)} at fit time")
+    return b, h, w
+
+
 def gaussian_kernel1d(sigma: float, dtype: torch.dtype = torch.float32) -> Tensor:
     """Normalised 1-D Gaussian kernel of radius round(4 * sigma)."""
     radius = int(TRUNCATE * sigma + 0.5)

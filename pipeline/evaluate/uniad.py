@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from pipeline.evaluate.threads import seeded
-from pipeline.evaluate.maps import check_features, image_scores, to_image_maps
+from pipeline.evaluate.maps import check_features, check_like_fit, image_scores, to_image_maps
 from shards.errors import UserError
 
 PREDICT_CHUNK = 4  # images per forward pass at predict time (attention is (P x P) per head)
@@ -209,11 +209,7 @@ class UniAD:
         """(B, h, w) reconstruction errors ||x_rec - x||."""
         if self.model is None:
             raise RuntimeError("UniAD.predict called before fit")
-        b, h, w = check_features(feats)
-        widths = [f.shape[1] for f in feats]
-        if widths != self.widths or (h, w) != self.model.grid:
-            raise ValueError(f"features have widths {widths} on a {h}x{w} grid, {self.widths} on a "
-                             f"{self.model.grid[0]}x{self.model.grid[1]} grid at fit time")
+        b, h, w = check_like_fit(feats, self.widths, self.model.grid)
         x = _tokens(feats)
         err = [(self.model(c) - c).square().sum(dim=2).sqrt() for c in x.split(PREDICT_CHUNK)]
         return torch.cat(err).view(b, h, w)
