@@ -140,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     _config_command(sub, "run", "the whole chain: data, shards, bank, centers, pretrain, evaluate", _cmd_run,
                     extra=_profile_args)
 
+    from pipeline.inspect.cli import add_commands as add_inspect_commands
+
+    add_inspect_commands(sub)  # inspect, export-onnx
+
     p = sub.add_parser("config", help="print the config reference, or a validated config with defaults")
     p.add_argument("config", nargs="?")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
