@@ -58,6 +58,16 @@ def save_export(folder: str, projector_state: dict[str, torch.Tensor], centers: 
     return folder
 
 
+def registered_as(folder: str) -> tuple[str | None, str | None]:
+    """(name, version) in the registry of an exported folder; (None, None) before registration."""
+    path = os.path.join(folder, REGISTERED_FILE)
+    if not os.path.isfile(path):
+        return None, None
+    with open(path) as f:
+        r = json.load(f)
+    return r.get("name"), str(r.get("version"))
+
+
 def read_spec(folder: str) -> dict:
     path = os.path.join(folder, SPEC_FILE)
     if not os.path.isfile(path):

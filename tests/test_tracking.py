@@ -262,7 +262,7 @@ def test_register_and_champion_selection(spec: TrackingSpec, tmp_path: Path):
 
     first = select_champion(spec, "1", "patchcore/pretrained/image_auroc", 0.80)
     assert first == {"decision": "champion", "new_value": 0.80, "champion_value": None, "version": "1",
-                     "previous_champion": None}
+                     "previous_champion": None, "gate_failed": []}
     worse = select_champion(spec, "2", "patchcore/pretrained/image_auroc", 0.70)
     assert worse["decision"] == "challenger" and worse["champion_value"] == pytest.approx(0.80)
     assert str(c.get_model_version_by_alias(spec.model_name, "champion").version) == "1"

@@ -3,12 +3,11 @@ export of the config's own pretraining run; and, when known, its registered name
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
 from pipeline.config import Config
-from pipeline.export import REGISTERED_FILE, SPEC_FILE
+from pipeline.export import SPEC_FILE, registered_as
 from pipeline.paths import export_dir
 from shards.errors import UserError
 
@@ -33,12 +32,7 @@ def resolve_model(cfg: Config, model: str | None, checkpoint: str | None) -> Mod
             raise UserError(f"--checkpoint {checkpoint!r} is not an exported projector folder (no spec.json there)")
         raise UserError(f"no exported model of run {cfg.name!r} at {folder}: run `adpretrain pretrain CONFIG` "
                         "first or pass --model models:/NAME@champion (or --checkpoint EXPORT_FOLDER)")
-    name = version = None
-    reg = os.path.join(folder, REGISTERED_FILE)
-    if os.path.isfile(reg):
-        with open(reg) as f:
-            r = json.load(f)
-        name, version = r.get("name"), str(r.get("version"))
+    name, version = registered_as(folder)
     return ModelRef(os.path.abspath(folder), os.path.abspath(folder), name, version)
 
 

