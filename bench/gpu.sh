@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The prepared single-GPU benchmark (bench/gpu.py): DINOv2-B and DINOv2-L, random weights, 224²,
-# batch 32; prints one markdown table within 8 minutes (hard limit). Needs only this repo and
+# batch 32; prints one markdown table within 8 minutes (hard limit), after a table of the six
+# evaluation methods' fit and predict speed on the GPU (bench/methods.py, at most 2 minutes). Needs only this repo and
 # its install: the README's set-up runs first when .venv is absent (torch==2.14.1 from PyPI is a
 # CUDA build, so the same pins serve the GPU). PYTHON=/path/to/python uses an environment that
 # already holds the install instead; on a GPU machine without a package index, the wheels of
@@ -23,4 +24,6 @@ else
   py=.venv/bin/python
 fi
 export PYTHONUNBUFFERED=1  # rows appear as they are measured, also when the time limit cuts the run
+# the six evaluation methods at the embedded default's feature size, on the GPU (about a minute)
+timeout 120 "$py" -m bench.methods --device cuda --no-paper || echo "bench.methods: exit $?"
 exec timeout 480 "$py" bench/gpu.py "$@"
