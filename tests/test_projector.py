@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from pipeline.config import ProjectorSpec
-from pipeline.projector import LevelProjector, MemoryAttention, Projector, SEGate, effective_heads, se_width
+from pipeline.projector import (LevelProjector, MemoryAttention, Projector, SEGate, blocked_attention,
+                                effective_heads, se_width)
 
 
 def ref_se(x: torch.Tensor, se: SEGate) -> torch.Tensor:
@@ -82,12 +83,36 @@ def test_se_gate_matches_reference():
     assert_same(lambda: se(x), lambda: ref_se(x, se), [x], list(se.parameters()), x.shape)
 
 
-def test_attention_matches_reference():
+@pytest.mark.parametrize("block_scores", [1 << 19, 4 * 13 * 5])
+def test_attention_matches_reference(block_scores, monkeypatch):
+    """In one block and in blocks of 5 query rows (of the 18 that the batch folds into)."""
+    import pipeline.projector
+
+    monkeypatch.setattr(pipeline.projector, "CPU_BLOCK_SCORES", block_scores)
     torch.manual_seed(1)
     att = MemoryAttention(24, 4).double()
     x = torch.randn(2, 9, 24, dtype=torch.float64, requires_grad=True)
     mem = torch.randn(13, 24, dtype=torch.float64, requires_grad=True)
     assert_same(lambda: att(x, mem), lambda: ref_attention(x, mem, att), [x, mem], list(att.parameters()), x.shape)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 7, 100])
+def test_blocked_attention_matches_reference_over_any_blocks(rows):
+    """Blocks of query rows, the last one short, give softmax(q k^T / sqrt(d)) v and its gradients."""
+    torch.manual_seed(4)
+    q = torch.randn(3, 18, 5, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(3, 11, 5, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(3, 11, 5, dtype=torch.float64, requires_grad=True)
+
+    def ref():
+        heads = []
+        for h in range(3):
+            logits = q[h] @ k[h].T / math.sqrt(5)
+            w = torch.exp(logits - logits.max(dim=1, keepdim=True).values)
+            heads.append((w / w.sum(dim=1, keepdim=True)) @ v[h])
+        return torch.stack(heads)
+
+    assert_same(lambda: blocked_attention(q, k, v, rows), ref, [q, k, v], [], q.shape)
 
 
 @pytest.mark.parametrize("dim,heads", [(32, 4), (40, 16)])
