@@ -4,6 +4,7 @@
 optimizer step and per-phase timing."""
 from __future__ import annotations
 
+import copy
 import gc
 import time
 from dataclasses import dataclass
@@ -11,8 +12,10 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms import v2
 
 from pipeline.config import Config
 from pipeline.transforms import (
@@ -36,13 +39,31 @@ def group_of_record(r: SampleRecord) -> str:
     return f"{r.source}/{r.cls}/{r.view or '-'}"
 
 
+def released_backbone(backbone):
+    """A copy of the frozen backbone in NCHW order, as the released code runs it."""
+    released = copy.deepcopy(backbone)
+    released.memory_format = torch.contiguous_format
+    released.model.to(memory_format=torch.contiguous_format)
+    return released
+
+
+def released_attention(projector: nn.Module) -> None:
+    """In place: every level's memory attention as one ``F.scaled_dot_product_attention`` call."""
+    for level in projector.levels:
+        level.attn.attend = F.scaled_dot_product_attention
+
+
 class FileImages(Dataset):
     """The released data path: one item = one image file (and its mask file) read, decoded,
-    resized and centre-cropped, then two photometric views, normalised."""
+    resized and centre-cropped, then two photometric views (torchvision's blur, as released),
+    normalised."""
 
     def __init__(self, records: list[SampleRecord], size: int, mean, std, augment: bool):
         self.records, self.size, self.mean, self.std = records, size, tuple(mean), tuple(std)
         self.views = PhotometricViews(size, augment)
+        if augment:  # the third step of the composition: blur with p = 0.5
+            blur = self.views.transform.transforms[2]
+            blur.transforms = [v2.GaussianBlur(blur.transforms[0].kernel, sigma=blur.transforms[0].sigma)]
 
     def __len__(self) -> int:
         return len(self.records)
