@@ -2,7 +2,8 @@
 
 It shows what a person checks after a run: the headline comparison (pretrained vs
 residual vs raw features on the held-out classes), the loss curves, the anomaly maps and
-the patch-score histograms, the model-selection decision, the data and the stage timings.
+the patch-score histograms, the val sources' diagnosis (nearest-neighbour distances and norms of
+normal and abnormal patches), the model-selection decision, the data and the stage timings.
 """
 
 from __future__ import annotations
@@ -96,10 +97,15 @@ def _loss_curves(cfg: Config, run_id: str, path: str) -> bool:
     return True
 
 
+def _figures(paths: list[str]) -> str:
+    """The pictures at ``paths`` (relative to the report) with their names as captions."""
+    return "".join(f'<figure><img src="{p}"><figcaption>{_esc(p)}</figcaption></figure>' for p in paths)
+
+
 def _pictures(eval_dir: str, dest: str) -> dict[str, list[str]]:
     """Copy the evaluation's pictures into the report folder; returns relative paths by kind."""
     out: dict[str, list[str]] = {}
-    for sub in ("maps", "norms"):
+    for sub in ("maps", "norms", "diagnosis"):
         src = os.path.join(eval_dir, "pictures", sub)
         if not os.path.isdir(src):
             continue
@@ -108,6 +114,28 @@ def _pictures(eval_dir: str, dest: str) -> dict[str, list[str]]:
             shutil.copy2(os.path.join(src, name), os.path.join(dest, sub, name))
             out.setdefault(sub, []).append(f"{sub}/{name}")
     return out
+
+
+DIAGNOSIS_COLUMNS = {"nn_auroc": "NN-distance AUROC", "norm_auroc": "norm AUROC",
+                     "nn_median_normal": "NN distance, median normal", "nn_median_abnormal": "median abnormal",
+                     "nn_median_ratio": "ratio", "norm_median_normal": "norm, median normal",
+                     "norm_median_abnormal": "median abnormal"}
+
+
+def diagnosis_html(path: str, pictures: list[str]) -> str:
+    """The diagnosis section: the means over the val classes from ``diagnosis.json`` at ``path``
+    (pipeline/evaluate/diagnosis.py), and its picture(s) copied into the report."""
+    with open(path) as f:
+        doc = json.load(f)
+    head = "".join(f"<th>{_esc(v)}</th>" for v in DIAGNOSIS_COLUMNS.values())
+    body = "".join(f'<tr><td class="l">{_esc(r["level"])}</td><td class="l">{_esc(r["kind"])}</td>'
+                   + "".join(f"<td>{_fmt(r[c])}</td>" for c in DIAGNOSIS_COLUMNS) + "</tr>" for r in doc["means"])
+    return ("<h2>Diagnosis (validation source): nearest-neighbour distance and norm of test patches</h2>"
+            "<p>Per level and feature kind, the mean over the val classes: the AUROC of each test patch's distance "
+            "to its nearest normal fit patch (what PatchCore scores) and of its feature norm (what FeatureNorm "
+            "scores), abnormal against normal patches, and the medians of the distance. Every class: "
+            f"<code>{_esc(os.path.basename(path))}</code> in the evaluation folder.</p>"
+            f'<table><tr><th class=l>level</th><th class=l>kind</th>{head}</tr>{body}</table>{_figures(pictures)}')
 
 
 def selection_html(s: dict) -> str:
@@ -150,11 +178,13 @@ def write_report(cfg: Config, chain) -> str:
     pics = _pictures(ev.out_dir, folder) if ev else {}
     if pics.get("norms"):
         parts.append("<h2>Patch scores, normal vs abnormal patches</h2><div class=grid>")
-        parts += [f'<figure><img src="{p}"><figcaption>{_esc(p)}</figcaption></figure>' for p in pics["norms"]]
+        parts.append(_figures(pics["norms"]))
         parts.append("</div>")
+    if ev and "diagnosis" in ev.files:
+        parts.append(diagnosis_html(ev.files["diagnosis"], pics.get("diagnosis", [])))
     if pics.get("maps"):
         parts.append("<h2>Anomaly maps</h2>")
-        parts += [f'<figure><img src="{p}"><figcaption>{_esc(p)}</figcaption></figure>' for p in pics["maps"]]
+        parts.append(_figures(pics["maps"]))
     if ev:
         parts.append("<h2>All means</h2><pre>" + _esc(ev.table_markdown()) + "</pre>")
     if chain.manifest is not None:

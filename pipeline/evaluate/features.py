@@ -4,7 +4,9 @@ The exported projector travels to every task as its files' bytes (:class:`Export
 is loaded once per process. The backbone runs once per batch: ``raw`` is its output,
 ``residual`` matches it against the bank of the class's K references, ``pretrained`` runs
 the projector on the residual. Features are computed on the task's device and returned on
-the CPU, with what the rest of the evaluation needs about the class (:class:`ClassInfo`).
+the CPU, with what the rest of the evaluation needs about the class (:class:`ClassInfo`); for a
+class of a ``split: val`` source, that includes the patch values of the diagnosis
+(:mod:`pipeline.evaluate.diagnosis`), computed here from the same features.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 
 from pipeline.config import KINDS
+from pipeline.evaluate.diagnosis import Values, class_values, split_patches
 from pipeline.evaluate.plan import ClassPlan, ShardImages, select_images
 from pipeline.evaluate.threads import computing_on
 from pipeline.export import FILES, SPEC_FILE
@@ -97,7 +100,8 @@ def _batched(fx, images_u8: torch.Tensor, bank: list[torch.Tensor]) -> dict[str,
 
 @dataclass
 class ClassInfo:
-    """Everything about one class except its features: targets, references, pictures, norms."""
+    """Everything about one class except its features: targets, references, pictures, norms,
+    and on val sources the patch values of the diagnosis."""
 
     source: str
     role: str
@@ -111,6 +115,7 @@ class ClassInfo:
     picture_images: np.ndarray  # (P, 3, S, S) float [0, 1]
     picture_masks: np.ndarray | None
     norms: dict[str, dict[str, np.ndarray]]  # kind -> normal/abnormal patch scores
+    diagnosis: Values | None  # val classes only: patch values of pipeline.evaluate.diagnosis
     size: int
     seconds: float
 
@@ -126,16 +131,8 @@ def _patch_norms(feats: list[torch.Tensor], labels: np.ndarray, masks: np.ndarra
     """Patch scores sqrt(||e||+1)-1 (mean over levels) of normal and abnormal test patches.
     Abnormal images without a mask are left out (their patches cannot be labelled)."""
     from pipeline.evaluate.featurenorm import norm_score
-    from pipeline.transforms import patch_labels
 
-    score = torch.stack([norm_score(f) for f in feats]).mean(0)  # (N, h, w)
-    keep = labels == 0 if masks is None else np.ones(len(labels), bool)
-    if masks is None:
-        abnormal = torch.zeros(score.shape, dtype=torch.bool)
-    else:
-        abnormal = patch_labels(torch.from_numpy(masks), score.shape[-1], "nearest")
-    s, a = score[torch.from_numpy(keep)], abnormal[torch.from_numpy(keep)]
-    return {"normal": s[~a].numpy(), "abnormal": s[a].numpy()}
+    return split_patches(torch.stack([norm_score(f) for f in feats]).mean(0), labels, masks)
 
 
 def class_features(blob: ExportBlob, plan: ClassPlan, kinds: Sequence[str], device: torch.device,
@@ -149,7 +146,8 @@ def class_features(blob: ExportBlob, plan: ClassPlan, kinds: Sequence[str], devi
         bank = fx.bank(data.ref_images)
         fit = _batched(fx, data.fit_images, bank)
         test = _batched(fx, data.test_images, bank)
-    masks = data.masks if data.pixel_ok else None
+        masks = data.masks if data.pixel_ok else None
+        diagnosis = class_values(fit, test, data.labels, masks, device) if plan.role == "val" else None
     pics = _picture_indices(data.labels)
     info = ClassInfo(
         source=plan.source, role=plan.role, cls=plan.cls, refs=data.refs, n_fit=int(data.fit_images.shape[0]),
@@ -157,6 +155,7 @@ def class_features(blob: ExportBlob, plan: ClassPlan, kinds: Sequence[str], devi
         picture_images=data.test_images[pics].float().div_(255.0).numpy(),
         picture_masks=None if masks is None else masks[pics],
         norms={k: _patch_norms(test[k], data.labels, masks) for k in ("residual", "pretrained")},
+        diagnosis=diagnosis,
         size=int(data.test_images.shape[-1]), seconds=time.perf_counter() - start,
     )
     return (*[(fit[k], test[k]) for k in kinds], info)

@@ -1,4 +1,5 @@
-"""Evaluation pictures (PNG, matplotlib Agg): anomaly-map grids and feature-norm histograms."""
+"""Evaluation pictures (PNG, matplotlib Agg): anomaly-map grids, feature-norm histograms and the
+val diagnosis's histograms (:mod:`pipeline.evaluate.diagnosis`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from pipeline.levels import level_name  # noqa: E402
 
 
 def _save(fig, path: str) -> str:
@@ -52,20 +55,41 @@ def map_grid(path: str, title: str, images: np.ndarray, masks: np.ndarray | None
     return _save(fig, path)
 
 
+def _histograms(ax, groups: dict[str, np.ndarray], title: str, xlabel: str) -> None:
+    """Density histograms of the groups' values on shared bins, in one panel."""
+    values = [v for v in groups.values() if v.size]
+    if values:
+        lo, hi = min(float(v.min()) for v in values), max(float(v.max()) for v in values)
+        bins = np.linspace(lo, hi if hi > lo else lo + 1e-6, 41)
+        for label, v in groups.items():
+            if v.size:
+                ax.hist(v, bins=bins, alpha=0.55, density=True, label=f"{label} ({v.size})")
+        ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(xlabel, fontsize=8)
+
+
 def norm_histograms(path: str, title: str, norms: dict[str, dict[str, np.ndarray]]) -> str:
     """One panel per feature kind: histograms of patch scores sqrt(||e||+1)-1 of normal and
     abnormal patches. norms: kind -> {"normal": (n,), "abnormal": (m,)}."""
     fig, axes = plt.subplots(1, len(norms), figsize=(4.0 * len(norms), 3.0), squeeze=False)
     for ax, (kind, groups) in zip(axes[0], norms.items()):
-        values = [v for v in groups.values() if v.size]
-        if values:
-            lo, hi = min(float(v.min()) for v in values), max(float(v.max()) for v in values)
-            bins = np.linspace(lo, hi if hi > lo else lo + 1e-6, 41)
-            for label, v in groups.items():
-                if v.size:
-                    ax.hist(v, bins=bins, alpha=0.55, density=True, label=f"{label} ({v.size})")
-            ax.legend(fontsize=7)
-        ax.set_title(kind, fontsize=9)
-        ax.set_xlabel("sqrt(||e|| + 1) - 1", fontsize=8)
+        _histograms(ax, groups, kind, "sqrt(||e|| + 1) - 1")
     fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def diagnosis_histograms(path: str, title: str, values: dict[str, list[dict[str, dict[str, np.ndarray]]]],
+                         quantities: dict[str, str]) -> str:
+    """One row per level, one column per (quantity, kind): histograms of the normal and
+    abnormal patches' values. values: kind -> per level -> quantity -> group -> (n,)."""
+    kinds = list(values)
+    n_levels = len(values[kinds[0]])
+    cols = [(q, k) for q in quantities for k in kinds]
+    fig, axes = plt.subplots(n_levels, len(cols), figsize=(3.2 * len(cols), 2.8 * n_levels), squeeze=False)
+    for li in range(n_levels):
+        for ax, (q, k) in zip(axes[li], cols):
+            _histograms(ax, values[k][li][q], f"{level_name(li)} {k}", quantities[q])
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
     return _save(fig, path)

@@ -2,7 +2,8 @@
 
 Rows (list of dicts): one per (dataset, class, method, kind), and the mean over classes per
 dataset/method/kind. They are written as CSV and Markdown with the references and the
-pictures into ``{workdir}/{name}/{eval.out}/`` (a fresh folder swapped in whole), and logged
+pictures (and the val sources' diagnosis, :mod:`pipeline.evaluate.diagnosis`) into
+``{workdir}/{name}/{eval.out}/`` (a fresh folder swapped in whole), and logged
 as an MLflow evaluation run: a child of the pretraining run when that run is in the store.
 A metric not available (no pixel masks) is None, shown as ``n/a``, never 0.
 """
@@ -26,6 +27,7 @@ import numpy as np
 from pipeline.config import Config
 from pipeline.evalspec import METRICS
 from pipeline.evaluate.cells import Cell
+from pipeline.evaluate.diagnosis import write_diagnosis
 from pipeline.evaluate.features import ClassInfo
 from pipeline.evaluate.model import ModelRef
 from shards.storage import mask_secrets
@@ -57,6 +59,8 @@ class EvalResult:
         lines.append(f"  per-class results  {self.files['csv']}")
         lines.append(f"  table (Markdown)   {self.files['markdown']}")
         lines.append(f"  pictures           {self.files['pictures']}")
+        if "diagnosis" in self.files:
+            lines.append(f"  diagnosis (val)    {self.files['diagnosis']}")
         if self.run_id:
             lines.append(f"  MLflow run         {self.run_id} ({self.tracking_uri})")
         s = self.selection
@@ -133,7 +137,7 @@ def _safe(name: str) -> str:
 
 def write_outputs(out_dir: str, rows: list[dict], infos: list[ClassInfo], cells: list[Cell], cfg: Config,
                   model: ModelRef, spec: dict, selection: dict | None) -> dict[str, str]:
-    """Write the table, references and pictures into a fresh folder, then swap it in."""
+    """Write the table, references, pictures and diagnosis into a fresh folder, then swap it in."""
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}-", dir=parent)
@@ -141,6 +145,7 @@ def write_outputs(out_dir: str, rows: list[dict], infos: list[ClassInfo], cells:
         files = _write_tables(tmp, rows, infos, cfg, model, spec, selection)
         _write_pictures(tmp, infos, cells, cfg)
         files["pictures"] = "pictures"
+        files.update(write_diagnosis(tmp, infos, model.label, spec["backbone"]["levels"]))
         if os.path.exists(out_dir):
             old = f"{out_dir}.old-{uuid.uuid4().hex[:8]}"
             os.replace(out_dir, old)
