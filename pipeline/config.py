@@ -76,6 +76,15 @@ class LossSpec(Strict):
     )
     angle_pixel_threshold: int = Field(32, ge=0)
     norm_labels: Literal["pixels", "nearest"] = "nearest"
+    angle_weight: float = Field(1.0, ge=0, description="weight of the angle loss in each level's total (METHOD.md: 1)")
+    norm_weight: float = Field(1.0, ge=0, description="weight of the norm loss (both views) in each level's total (METHOD.md: 1)")
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> "LossSpec":
+        if self.angle_weight == 0 and self.norm_weight == 0:
+            raise ValueError("loss.angle_weight and loss.norm_weight are both 0: nothing would be trained; "
+                             "set at least one above 0 (the method uses 1 and 1)")
+        return self
 
 
 class DataSpec(Strict):

@@ -245,11 +245,14 @@ def adpretrain_loss(
     tau: float,
     chunk_size: int,
     group: ProcessGroup | None = None,
+    angle_weight: float = 1.0,
+    norm_weight: float = 1.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Total loss = sum over levels of angle + norm(view 1) + norm(view 2) (this rank's share).
+    """Total loss = sum over levels of angle_weight * angle + norm_weight * (norm(view 1) + norm(view 2))
+    (this rank's share; the method weighs both 1).
 
     feats: per level (B, C_l, h, w); labels: per level (B, h, w); centers: per level (C_l,).
-    Returns the total and detached per-level parts "angle/l{i}", "norm1/l{i}", "norm2/l{i}".
+    Returns the total and the detached, unweighted per-level parts "angle/l{i}", "norm1/l{i}", "norm2/l{i}".
     """
     n = len(feats1)
     if not n or any(len(x) != n for x in (feats2, angle_labels, norm_labels, centers)):
@@ -267,5 +270,5 @@ def adpretrain_loss(
         n1 = norm_loss(e1, yn, group=group)
         n2 = norm_loss(e2, yn, group=group)
         parts[f"angle/l{i}"], parts[f"norm1/l{i}"], parts[f"norm2/l{i}"] = la.detach(), n1.detach(), n2.detach()
-        levels.append(la + n1 + n2)
+        levels.append(angle_weight * la + norm_weight * (n1 + n2))
     return torch.stack(levels).sum(), parts

@@ -125,7 +125,7 @@ class Step:
             norm = to_device(patch_labels(mask, grid, lc.norm_labels, lc.angle_pixel_threshold), self.device)
             n = len(e1)
             return adpretrain_loss(e1, e2, [angle] * n, [norm] * n, self.centers, lc.tau, lc.chunk_size,
-                                   group=self.group)
+                                   group=self.group, angle_weight=lc.angle_weight, norm_weight=lc.norm_weight)
 
     def __call__(self, model, batch: dict, k: int, gen: torch.Generator):
         """(total, parts) of this rank's share for one micro-batch; the backbone and matching without grad."""

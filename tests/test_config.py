@@ -70,6 +70,12 @@ def test_cross_checks():
         s["split"] = "eval"
     with pytest.raises(ConfigError, match="no source has split: pretrain"):
         load_config(d)
+    d = _base()
+    d["loss"] = {"angle_weight": 0, "norm_weight": 0}
+    with pytest.raises(ConfigError, match="loss.angle_weight and loss.norm_weight are both 0"):
+        load_config(d)
+    d["loss"] = {"angle_weight": 0, "norm_weight": 0.5}
+    assert load_config(d).loss.norm_weight == 0.5
 
 
 def test_overrides_apply_and_validate(tmp_path):

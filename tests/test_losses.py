@@ -204,7 +204,8 @@ def test_norm_loss_float32_and_autocast():
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
 
 
-def test_adpretrain_loss_sums_levels_and_reports_parts():
+@pytest.mark.parametrize("wa,wn", [(1.0, 1.0), (0.3, 2.0), (0.0, 1.0)])
+def test_adpretrain_loss_sums_levels_and_reports_parts(wa, wn):
     g = torch.Generator().manual_seed(9)
     b, h, w = 2, 3, 4
     widths = [8, 12]
@@ -224,9 +225,10 @@ def test_adpretrain_loss_sums_levels_and_reports_parts():
             parts[f"angle/l{i}"] = ref_angle(flat(a[i]), flat(b2[i]), ya[i].reshape(-1), mus[i])
             parts[f"norm1/l{i}"] = ref_norm(flat(a[i]), yn[i].reshape(-1))
             parts[f"norm2/l{i}"] = ref_norm(flat(b2[i]), yn[i].reshape(-1))
-        return sum(parts.values()), parts
+        weighted = [(wa if k.startswith("angle") else wn) * v for k, v in parts.items()]
+        return sum(weighted), parts
 
-    total, parts = adpretrain_loss(f1, f2, ya, yn, mus, TAU, chunk_size=5)
+    total, parts = adpretrain_loss(f1, f2, ya, yn, mus, TAU, chunk_size=5, angle_weight=wa, norm_weight=wn)
     ref_total, ref_parts = reference(*f1, *f2)
     assert set(parts) == set(ref_parts)
     for k in parts:
@@ -234,7 +236,8 @@ def test_adpretrain_loss_sums_levels_and_reports_parts():
         torch.testing.assert_close(parts[k], ref_parts[k].detach(), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(total, ref_total, rtol=1e-10, atol=1e-12)
 
-    v, grads = value_and_grads(lambda *fs: adpretrain_loss(fs[:2], fs[2:], ya, yn, mus, TAU, 5)[0], *f1, *f2)
+    v, grads = value_and_grads(lambda *fs: adpretrain_loss(fs[:2], fs[2:], ya, yn, mus, TAU, 5, angle_weight=wa,
+                                                           norm_weight=wn)[0], *f1, *f2)
     v_ref, grads_ref = value_and_grads(lambda *fs: reference(*fs)[0], *f1, *f2)
     for a, r in zip(grads, grads_ref):
         torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-12)
