@@ -116,10 +116,9 @@ def _pictures(eval_dir: str, dest: str) -> dict[str, list[str]]:
     return out
 
 
-DIAGNOSIS_COLUMNS = {"nn_auroc": "NN-distance AUROC", "norm_auroc": "norm AUROC",
-                     "nn_median_normal": "NN distance, median normal", "nn_median_abnormal": "median abnormal",
-                     "nn_median_ratio": "ratio", "norm_median_normal": "norm, median normal",
-                     "norm_median_abnormal": "median abnormal"}
+DIAGNOSIS_COLUMNS = {"nn_auroc": "NN AUROC", "norm_auroc": "norm AUROC", "nn_median_normal": "NN median normal",
+                     "nn_median_abnormal": "NN median abnormal", "nn_median_ratio": "NN median ratio",
+                     "norm_median_normal": "norm median normal", "norm_median_abnormal": "norm median abnormal"}
 
 
 def diagnosis_html(path: str, pictures: list[str]) -> str:
@@ -133,7 +132,8 @@ def diagnosis_html(path: str, pictures: list[str]) -> str:
     return ("<h2>Diagnosis (validation source): nearest-neighbour distance and norm of test patches</h2>"
             "<p>Per level and feature kind, the mean over the val classes: the AUROC of each test patch's distance "
             "to its nearest normal fit patch (what PatchCore scores) and of its feature norm (what FeatureNorm "
-            "scores), abnormal against normal patches, and the medians of the distance. Every class: "
+            "scores), abnormal against normal patches, and the medians of both (ratio: abnormal / normal). "
+            "Every class: "
             f"<code>{_esc(os.path.basename(path))}</code> in the evaluation folder.</p>"
             f'<table><tr><th class=l>level</th><th class=l>kind</th>{head}</tr>{body}</table>{_figures(pictures)}')
 

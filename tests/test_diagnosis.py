@@ -255,7 +255,7 @@ def test_evaluation_writes_the_val_diagnosis_and_the_report_shows_it(setup):
     # the val class only, never the reported evaluation's; every level and kind
     assert {(e["source"], e["class"]) for e in doc["classes"]} == {("valset", "synth_tile")}
     assert {(e["level"], e["kind"]) for e in doc["classes"]} == {(f"level{i}", k) for i in range(2) for k in KINDS}
-    assert doc["backbone_levels"] == [2, 3] and doc["model"] == result.model
+    assert doc["backbone_levels"] == [2, 3] and doc["model"] == result.model and doc["model_version"] is None
 
     # the numbers, against the slow float64 reference on the same features
     per_kind, info = _val_features(setup)

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.evaluate.model import ModelRef
 from pipeline.levels import level_name
 
 QUANTITIES = {"nn": "distance to the nearest normal fit patch", "norm": "L2 norm"}
@@ -129,13 +130,15 @@ def means_over_classes(entries: list[dict]) -> list[dict[str, Any]]:
     return out
 
 
-def document(infos: list, model: str, backbone_levels: list) -> dict[str, Any]:
-    """The JSON document of the val classes' diagnoses (``infos``: ClassInfo of every class)."""
+def document(infos: list, model: ModelRef, backbone_levels: list) -> dict[str, Any]:
+    """The JSON document of the val classes' diagnoses (``infos``: ClassInfo of every class) of
+    ``model``'s evaluation."""
     entries = [{"source": i.source, "class": i.cls, "level": level_name(li), "kind": kind,
                 **{q: summarise(groups[q]) for q in QUANTITIES}}
                for i in infos if i.diagnosis is not None
                for kind, per_level in i.diagnosis.items() for li, groups in enumerate(per_level)]
-    return {"model": model, "backbone_levels": backbone_levels, "quantities": QUANTITIES,
+    return {"model": model.label, "model_version": model.version and f"{model.name}/{model.version}",
+            "backbone_levels": backbone_levels, "quantities": QUANTITIES,
             "patch_labels": "mask resized to the feature grid by nearest neighbour",
             "nn_reference": "every patch of the class's fit set (normal training images other than the K "
                             "references), 3x3 mean per level as PatchCore aggregates, L2",
@@ -150,7 +153,7 @@ def pooled(infos: list) -> Values:
             for kind, per_level in diags[0].items()}
 
 
-def write_diagnosis(folder: str, infos: list, model: str, backbone_levels: list) -> dict[str, str]:
+def write_diagnosis(folder: str, infos: list, model: ModelRef, backbone_levels: list) -> dict[str, str]:
     """``diagnosis.json`` and its picture in ``folder`` when a val class was evaluated: name -> file."""
     from pipeline.evaluate.pictures import diagnosis_histograms
 

@@ -145,7 +145,7 @@ def write_outputs(out_dir: str, rows: list[dict], infos: list[ClassInfo], cells:
         files = _write_tables(tmp, rows, infos, cfg, model, spec, selection)
         _write_pictures(tmp, infos, cells, cfg)
         files["pictures"] = "pictures"
-        files.update(write_diagnosis(tmp, infos, model.label, spec["backbone"]["levels"]))
+        files.update(write_diagnosis(tmp, infos, model, spec["backbone"]["levels"]))
         if os.path.exists(out_dir):
             old = f"{out_dir}.old-{uuid.uuid4().hex[:8]}"
             os.replace(out_dir, old)
