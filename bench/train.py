@@ -3,6 +3,7 @@
     python bench/train.py                                        # 12 steps; a few minutes
     python bench/train.py --rounds 4 --steps 4 --workdir /tmp/bench-train      # steadier; data kept
     python bench/train.py --set data.batch_size=16 --set data.loader_workers=2
+    python bench/train.py --threads 2                            # torch on every core, the loader beside it
 
 Both loops run in this one process with the same frozen backbone, batch size, image size,
 projector, losses, optimizer step (torch Adam with the config's lr and weight decay, gradient
@@ -26,6 +27,9 @@ configs/local.yaml) with ``--set key=value`` overrides; the data is the bench's 
   time counts as data wait). Per item the baseline decodes and resizes once, as ours does (the
   released code resizes once per view), so its data path is, if anything, a little faster than
   the released one.
+
+Threads: torch runs the loops with ``train.cpus_per_worker`` threads (one by default), as Ray
+Train runs one worker, and the loader processes run beside it (``--threads`` changes it).
 
 Timing: ``--rounds`` rounds; in each, the two loops run back to back (which goes first
 alternates, so a drifting machine load favours neither), each on a fresh loader with
@@ -171,6 +175,8 @@ def main() -> int:
     ap.add_argument("--abnormal", type=int, default=4, help="abnormal samples per class")
     ap.add_argument("--views", type=int, default=5)
     ap.add_argument("--size", type=int, default=256, help="side of the synthetic source images")
+    ap.add_argument("--threads", type=int, help="torch threads of the loops (default: train.cpus_per_worker, "
+                    "what Ray Train gives one worker)")
     args = ap.parse_args()
     for flag in ("steps", "rounds"):
         if getattr(args, flag) < 1:
@@ -201,6 +207,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
     load_start = os.getloadavg()[0]
     t = time.perf_counter()
     backbone = prepare(cfg)
+    torch.set_num_threads(args.threads or max(1, int(cfg.train.cpus_per_worker)))
     print(f"data prepared in {work} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
 
     centers, _ = load_centers(centers_url(cfg, backbone.id), backbone.id)
