@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 
 import torch
@@ -33,8 +34,7 @@ FORMAT = 1
 def save_export(folder: str, projector_state: dict[str, torch.Tensor], centers: list[torch.Tensor],
                 backbone, backbone_spec: BackboneSpec, projector_spec: ProjectorSpec, provenance: dict) -> str:
     os.makedirs(folder, exist_ok=True)
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in projector_state.items()},
-              os.path.join(folder, PROJECTOR_FILE))
+    _write_projector(folder, projector_state)
     save_file(levels.by_name([c.detach().float().cpu().contiguous() for c in centers]), os.path.join(folder, CENTERS_FILE))
     spec = {
         "format": FORMAT,
@@ -51,11 +51,33 @@ def save_export(folder: str, projector_state: dict[str, torch.Tensor], centers: 
         "projector": projector_spec.model_dump(mode="json"),
         "provenance": provenance,
     }
+    _write_spec(folder, spec)
+    return folder
+
+
+def derive_export(source: str, folder: str, projector_state: dict[str, torch.Tensor], provenance: dict) -> str:
+    """An export of other weights of the same projector (a training checkpoint of the run that made
+    the export in ``source``): the centers and spec of ``source``, ``provenance`` in place of its own.
+    Never registered: the folder has no ``registered.json``."""
+    spec = read_spec(source)
+    os.makedirs(folder, exist_ok=True)
+    _write_projector(folder, projector_state)
+    shutil.copyfile(os.path.join(source, CENTERS_FILE), os.path.join(folder, CENTERS_FILE))
+    _write_spec(folder, {**spec, "provenance": provenance})
+    return folder
+
+
+def _write_projector(folder: str, projector_state: dict[str, torch.Tensor]) -> None:
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in projector_state.items()},
+              os.path.join(folder, PROJECTOR_FILE))
+
+
+def _write_spec(folder: str, spec: dict) -> None:
+    """``spec.json``, written last and atomically: a folder with it is a complete export."""
     tmp = os.path.join(folder, SPEC_FILE + ".tmp")
     with open(tmp, "w") as f:
         json.dump(spec, f, indent=2, sort_keys=True)
     os.replace(tmp, os.path.join(folder, SPEC_FILE))
-    return folder
 
 
 def registered_as(folder: str) -> tuple[str | None, str | None]:

@@ -9,6 +9,9 @@ this module places what the pipeline derives from it and what a run writes:
     workdir/name/export/                         the exported projector of the last pretraining
     workdir/name/<eval.out>/                     evaluation tables, pictures and result files
     workdir/name/report/                         the HTML report of `adpretrain run`
+    workdir/name/checkpoints/<run id>/step-N/    a training checkpoint: its export and its val
+                                                 evaluations (val-<digest of their inputs>)
+    workdir/name/curve/                          the validation curve over the checkpoints
 
 The reference bank and the centers are keyed by what they are computed from (the sha256 of
 the shard manifest and their own settings), so a changed input gives a new URL and nothing
@@ -81,6 +84,21 @@ def profile_dir(cfg: Config) -> str:
 
 def report_dir(cfg: Config) -> str:
     return os.path.join(run_dir(cfg), "report")
+
+
+def checkpoint_dir(cfg: Config, run_id: str, step: int) -> str:
+    """The checkpoint at ``step`` of the MLflow training run ``run_id``: its export, its evaluations."""
+    return os.path.join(run_dir(cfg), "checkpoints", run_id, f"step-{int(step):07d}")
+
+
+def checkpoint_eval_dir(cfg: Config, run_id: str, step: int, inputs: dict) -> str:
+    """An evaluation of a checkpoint, keyed by what it is computed from (``inputs``)."""
+    return os.path.join(checkpoint_dir(cfg, run_id, step), f"val-{_digest(inputs)}")
+
+
+def curve_dir(cfg: Config) -> str:
+    """The validation curve of this config's last pretraining: ``curve.json``, ``curve.png``."""
+    return os.path.join(run_dir(cfg), "curve")
 
 
 def run_name(cfg: Config, centers_url: str) -> str:

@@ -13,13 +13,24 @@ from pipeline.tracking.pyfunc import _load_pyfunc  # MLflow loads every register
 from pipeline.tracking.store import ensure_store, resolve_uri
 from pipeline.tracking.writer import Retry
 from pipeline.tracking.registry import load_registered, model_version, select_champion
-from pipeline.tracking.runs import RUN_NAME_TAG, RunTracker, metric_histories, run_exists
+from pipeline.tracking.runs import (
+    RUN_NAME_TAG,
+    RunTracker,
+    checkpoint_artifact,
+    checkpoint_steps,
+    download_checkpoint,
+    metric_histories,
+    run_exists,
+)
 
 __all__ = [
     "RUN_NAME_TAG",
     "_load_pyfunc",
     "Retry",
     "RunTracker",
+    "checkpoint_artifact",
+    "checkpoint_steps",
+    "download_checkpoint",
     "ensure_store",
     "load_registered",
     "metric_histories",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -43,6 +44,13 @@ from shards.storage import mask_secrets
 log = logging.getLogger(__name__)
 
 RUN_NAME_TAG = "adpretrain.run_name"
+CHECKPOINTS = "checkpoints"  # the artifact folder of a training run's checkpoints
+CHECKPOINT_FILE = "checkpoint.json"  # in each checkpoint's folder: its step, storage URI and weights file
+
+
+def checkpoint_artifact(step: int) -> str:
+    """The artifact folder of a run's checkpoint at ``step``: ``checkpoints/step-XXXXXXX``."""
+    return f"{CHECKPOINTS}/step-{int(step):07d}"
 
 
 class RunTracker:
@@ -193,10 +201,10 @@ class RunTracker:
     def log_checkpoint(self, step: int, storage_uri: str, projector_file: str) -> None:
         """Record a checkpoint: metric ``checkpoint/step``, tags with its step and storage URI, and
         ``checkpoints/step-XXXXXXX/`` holding the projector weights and ``checkpoint.json``."""
-        folder = os.path.join(self._spool, f"step-{int(step):07d}")
+        folder = os.path.join(self._spool, os.path.basename(checkpoint_artifact(step)))
         os.makedirs(folder, exist_ok=True)
         shutil.copy2(projector_file, os.path.join(folder, os.path.basename(projector_file)))
-        with open(os.path.join(folder, "checkpoint.json"), "w") as f:
+        with open(os.path.join(folder, CHECKPOINT_FILE), "w") as f:
             json.dump({"step": int(step), "storage_uri": mask_secrets(storage_uri),
                        "projector": os.path.basename(projector_file)}, f, indent=2)
         ts = int(time.time() * 1000)
@@ -209,7 +217,7 @@ class RunTracker:
                 tags=[RunTag("adpretrain.checkpoint.latest", value(storage_uri, MAX_TAG_VAL_LENGTH)),
                       RunTag("adpretrain.checkpoint.latest_step", str(int(step)))],
             )
-            self.client.log_artifacts(self.run_id, folder, f"checkpoints/step-{int(step):07d}")
+            self.client.log_artifacts(self.run_id, folder, checkpoint_artifact(step))
             shutil.rmtree(folder, ignore_errors=True)
 
         self._writer.submit(write, f"checkpoint record of step {step}")
@@ -314,3 +322,28 @@ def metric_histories(tracking_uri: str, run_id: str, keep: Callable[[str], bool]
     keys = sorted(k for k in c.get_run(run_id).data.metrics if keep(k))
     return {k: [(m.step, m.value) for m in sorted(c.get_metric_history(run_id, k), key=lambda m: m.step)]
             for k in keys}
+
+
+def checkpoint_steps(tracking_uri: str, run_id: str) -> list[int]:
+    """The steps of the checkpoints recorded in run ``run_id`` (:meth:`RunTracker.log_checkpoint`), in order."""
+    uri = resolve_uri(tracking_uri)
+    try:
+        found = connect(uri).list_artifacts(run_id, CHECKPOINTS)
+    except MlflowException as e:
+        raise UserError(mask_secrets(f"MLflow run {run_id} at {uri}: cannot list its checkpoints: {e.message}",
+                                     uri)) from None
+    names = [os.path.basename(a.path) for a in found if a.is_dir]
+    return sorted(int(n[len("step-"):]) for n in names if re.fullmatch(r"step-\d+", n))
+
+
+def download_checkpoint(tracking_uri: str, run_id: str, step: int, dst: str) -> str:
+    """The projector weights of the checkpoint at ``step`` of run ``run_id``, downloaded into the
+    folder ``dst``; returns their path."""
+    uri = resolve_uri(tracking_uri)
+    try:
+        folder = connect(uri).download_artifacts(run_id, checkpoint_artifact(step), dst)
+    except MlflowException as e:
+        raise UserError(mask_secrets(f"MLflow run {run_id} at {uri}: cannot download checkpoint "
+                                     f"{checkpoint_artifact(step)}: {e.message}", uri)) from None
+    with open(os.path.join(folder, CHECKPOINT_FILE)) as f:
+        return os.path.join(folder, json.load(f)["projector"])
