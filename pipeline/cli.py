@@ -96,6 +96,13 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint", help="exported projector folder or checkpoint path")
 
 
+def _cmd_curve(cfg, args) -> int:
+    from pipeline.evaluate.curve import build_curve
+
+    show(build_curve(cfg).describe())
+    return 0
+
+
 def _cmd_run(cfg, args) -> int:
     from pipeline.run import run_chain
 
@@ -137,8 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     _config_command(sub, "pretrain", "distributed pretraining on Ray Train + DeepSpeed", _cmd_pretrain,
                     extra=_profile_args)
     _config_command(sub, "evaluate", "downstream evaluation jobs", _cmd_evaluate, extra=_eval_args)
-    _config_command(sub, "run", "the whole chain: data, shards, bank, centers, pretrain, evaluate", _cmd_run,
-                    extra=_profile_args)
+    _config_command(sub, "curve", "the validation curve: every training checkpoint of the config's pretraining "
+                    "run evaluated on the val sources", _cmd_curve)
+    _config_command(sub, "run", "the whole chain: data, shards, bank, centers, pretrain, evaluate (and the curve "
+                    "with eval.curve)", _cmd_run, extra=_profile_args)
 
     from pipeline.inspect.cli import add_commands as add_inspect_commands
 

@@ -128,6 +128,8 @@ class EvalSpec(Strict):
     )
     gpus_per_task: float = Field(0.25, gt=0, le=1, description="fraction of a GPU each Ray feature or method "
                                  "task asks for when on CUDA")
+    curve: bool = Field(False, description="`adpretrain run` also draws the validation curve (`adpretrain curve`): "
+                        "every training checkpoint evaluated on the val sources with the selection's methods")
 
     @property
     def selection(self) -> Selection | None:

@@ -1,7 +1,7 @@
 """`adpretrain run`: the whole chain on one config, each stage skipped when its output exists.
 
     data (synthetic sources whose root is missing) -> shards -> reference bank -> centers
-    -> pretraining (Ray Train + DeepSpeed) -> evaluation jobs -> report
+    -> pretraining (Ray Train + DeepSpeed) -> evaluation jobs -> validation curve (eval.curve) -> report
 
 Every stage is a module of :mod:`pipeline.stages`, the same its own command runs; this
 module only orders them, shares one :class:`~pipeline.stages.Context` between them and
@@ -14,12 +14,12 @@ import logging
 import time
 
 from pipeline.config import Config
-from pipeline.stages import Context, centers, evaluate, pretrain, refbank, report, shards, synth
+from pipeline.stages import Context, centers, curve, evaluate, pretrain, refbank, report, shards, synth
 from pipeline.stages.report import ChainResult
 
 log = logging.getLogger(__name__)
 
-CHAIN = (synth, shards, refbank, centers, pretrain, evaluate, report)
+CHAIN = (synth, shards, refbank, centers, pretrain, evaluate, curve, report)
 
 
 def run_chain(cfg: Config) -> ChainResult:

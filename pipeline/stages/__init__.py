@@ -1,6 +1,6 @@
 """The stages of the chain, one module each, written one way.
 
-    data -> shards -> refbank -> centers -> pretrain -> evaluate -> report
+    data -> shards -> refbank -> centers -> pretrain -> evaluate -> curve -> report
 
 A stage module has
 
@@ -12,8 +12,8 @@ A stage module has
 ``run`` asks ``done`` itself, so a stage's own command and `adpretrain run` skip current output
 the same way: the data, shards, reference-bank and centers stages write only what is missing
 and return what is there; pretraining returns None when a registered export of the config
-exists. Evaluation and the report have no ``done``: they are written anew every time (why: in
-their modules).
+exists. Evaluation, the validation curve and the report have no ``done``: they are written anew
+every time (why: in their modules; the curve reuses the evaluations of checkpoints it finds).
 
 ``ctx`` (:class:`Context`) is what the stages of one invocation share: whether to show
 progress, the frozen backbone (built once, on first use), what earlier stages wrote and,

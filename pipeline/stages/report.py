@@ -2,7 +2,7 @@
 
 :class:`ChainResult` is what `adpretrain run` did, read from the chain's :class:`Context`:
 how each stage ended, the shard manifest, the pretraining and evaluation results, the
-report's path. The stage writes the HTML report of it (:func:`pipeline.report.write_report`);
+validation curve, the report's path. The stage writes the HTML report of it (:func:`pipeline.report.write_report`);
 ``adpretrain run`` prints :meth:`ChainResult.describe`.
 
 It has no ``done``: the report shows this invocation (its stage timings and evaluation), so
@@ -44,6 +44,10 @@ class ChainResult:
         return self.ctx.outputs.get("evaluate")
 
     @property
+    def curve(self) -> Any:
+        return self.ctx.outputs.get("curve")
+
+    @property
     def report(self) -> str | None:
         return self.ctx.outputs.get(NAME)
 
@@ -61,6 +65,8 @@ class ChainResult:
             lines += ["", "== pretraining ==", self.pretrain.describe()]
         if self.evaluation is not None:
             lines += ["", "== evaluation ==", self.evaluation.describe()]
+        if self.curve is not None:
+            lines += ["", "== validation curve ==", self.curve.describe()]
         uri = self.cfg.tracking.uri
         lines += ["", "== next =="]
         if uri.startswith("sqlite"):
