@@ -260,12 +260,4 @@ def train_loader(cfg: Config, mean, std, grid: int, rank: int, restart: int = 0,
     ds = MixedBatches(plan, cfg, mean, std, grid, rank, restart)
     w = cfg.data.loader_workers
     return DataLoader(ds, batch_size=None, num_workers=w, persistent_workers=w > 0,
-                      prefetch_factor=2 if w > 0 else None, pin_memory=pin_memory,
-                      worker_init_fn=_one_opencv_thread if w > 0 else None)
-
-
-def _one_opencv_thread(_worker: int) -> None:
-    """A loader process works with one thread, as torch's DataLoader sets for torch itself."""
-    import cv2
-
-    cv2.setNumThreads(1)
+                      prefetch_factor=2 if w > 0 else None, pin_memory=pin_memory)

@@ -17,6 +17,10 @@ from PIL import Image
 from torchvision.transforms import v2
 
 Image.MAX_IMAGE_PIXELS = 20_000 * 20_000
+# OpenCV runs sequentially in every process that sees images: a loader process forked while
+# OpenCV's thread pool runs in its parent (synthesis uses it) hangs on its first parallel call,
+# and each process here already works with the threads torch gives it.
+cv2.setNumThreads(1)
 
 
 def decode_image(data: bytes) -> np.ndarray:

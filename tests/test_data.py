@@ -386,3 +386,27 @@ def test_the_views_blur_is_torchvisions_gaussian_blur(kernel, size):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
         change = max(change, float((ours - x).abs().max()))
     assert change > 0.05  # the draws blurred the noise
+
+
+
+def test_loaders_forked_while_opencv_threads_run_deliver_their_batches(tmp_path):
+    # the process that starts the loaders may have run OpenCV's thread pool before (synthesis,
+    # a user's own code): a loader process that then changes OpenCV's threads hangs
+    import cv2
+
+    urls = {(s, kind): stream(tmp_path, s, 2, 2, kind == "abnormal") for s in "ab" for kind in ("normal", "abnormal")}
+    write_manifest(tmp_path, urls)
+    cfg = config(tmp_path, batch_size=4, loader_workers=2, augment=True)
+    got: list[dict] = []
+    cv2.setNumThreads(2)
+    try:
+        for _ in range(5):  # the pool runs
+            cv2.GaussianBlur(np.random.rand(1500, 1500).astype(np.float32), (23, 23), 1.0)
+        t = threading.Thread(target=lambda: got.extend(batches(train_loader(cfg, MEAN, STD, GRID, 0), 3)),
+                             daemon=True)
+        t.start()
+        t.join(timeout=120)
+    finally:
+        cv2.setNumThreads(1)
+    assert not t.is_alive(), "the loader processes did not deliver 3 batches in 120 s"
+    assert [b["view1"].shape for b in got] == [(4, 3, SIZE, SIZE)] * 3
