@@ -34,6 +34,10 @@ class SynthSpec(Strict):
     family: Literal["pretrain", "val", "eval"] | None = Field(
         None, description="a family of classes and defect types, disjoint from the others (docs/synth.md)"
     )
+    defects: list[str] | None = Field(
+        None, description="defect types to paint (names from docs/synth.md), a subset of the family's; "
+        "default: every type of the family (or of all)"
+    )
     camera: bool = Field(True, description="camera effects on rendered classes: noise, vignetting, blur, perspective")
     base_images: str | None = Field(None, description="a local folder of your own normal images: the one class")
     base_mode: Literal["whole", "tile"] = Field("whole", description="base images used whole, or cut into tiles")

@@ -1,5 +1,5 @@
-"""Families of the synthetic data (disjoint classes and defect types), the new products and
-defect renderers, and tile mode of --base-images."""
+"""Families of the synthetic data (disjoint classes and defect types), a chosen subset of the
+defect types, the new products and defect renderers, and tile mode of --base-images."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from pydantic import ValidationError
 from pipeline.cli import main
 from shards import synth
 from shards.errors import UserError
-from shards.spec import SynthSpec
+from shards.sources import scan_source
+from shards.spec import SourceSpec, SynthSpec
 from shards.synth.defects import AREA_RANGE, CLASSIC_TYPES, DEFECT_TYPES, INSPECTION_TYPES, REALIAD_CODES, DefectSpec, apply_defect
 from shards.synth.draw import to_uint8
 from shards.synth.families import FAMILIES, FAMILY_NAMES, FAMILY_OF_DEFECT, area_span, defect_types
@@ -116,6 +117,59 @@ def test_user_errors(tmp_path: Path, kwargs: dict, message: str) -> None:
     assert not (tmp_path / "o").exists()
     with pytest.raises(ValidationError, match="family"):
         SynthSpec(family="test")
+
+
+def test_chosen_defects_are_the_only_types_painted(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    spec = SourceSpec(name="s", layout="mvtec", root=str(root), split="pretrain", synth=SynthSpec(
+        family="pretrain", classes=["synth_wood", "synth_screw"], normal=1, abnormal=6, size=64, defects=["pit", "scratch"]))
+    synth.generate_source(spec)
+    abnormal = [r for r in scan_source(spec).records if r.label]
+    assert len(abnormal) == 12 and {r.defect for r in abnormal} == {"scratch", "pit"}
+    assert all(read(root / r.mask_path, cv2.IMREAD_GRAYSCALE).any() for r in abnormal)
+    info = json.loads((root / synth.INFO_FILE).read_text())
+    assert info["defects"] == ["pit", "scratch"] and info["defect_types"] == ["scratch", "pit"]
+    # no abnormal images: a class need not take any of the types
+    s = synth.generate("mvtec", tmp_path / "normal", family="val", classes=["synth_paper"], defects=["shifted_cell"],
+                       normal=1, abnormal=0, size=32)
+    assert s.classes == {"synth_paper": {"normal": 1, "abnormal": 0}}
+
+
+_VAL = "choose among the defect types of family 'val': hairline, shifted_cell, stain, chip"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(defects=["stain", "stian"]), f"unknown defect type 'stian'; {_VAL}"),
+        (dict(defects=["chip", "stain", "chip"]), rf"defect type 'chip' is given twice; name each type once \({_VAL}\)"),
+        (dict(defects=[]), f"the list of defect types is empty; {_VAL}"),
+        (dict(defects=["stain", "scratch"]), f"'scratch' belongs to family 'pretrain', not 'val'; {_VAL}"),
+        (dict(classes=["synth_weave", "synth_paper"], defects=["shifted_cell"]),
+         r"class 'synth_paper' takes none of the defect types shifted_cell \(shifted_cell: periodic classes only\); "
+         "add one of hairline, stain, chip"),
+        (dict(family=None, classes=["synth_wood", "synth_weave"], defects=["scratch"]),
+         "class 'synth_weave' takes none of the defect types scratch; add one of hairline, shifted_cell, stain, chip"),
+    ],
+)
+def test_chosen_defects_refused(tmp_path: Path, kwargs: dict, message: str) -> None:
+    args = dict(family="val", normal=1, abnormal=1, size=32) | kwargs
+    with pytest.raises(UserError, match=message):
+        synth.generate("mvtec", tmp_path / "o", **args)
+    root = tmp_path / "root"
+    spec = SourceSpec(name="s", layout="mvtec", root=str(root), split="val", synth=SynthSpec(**args))
+    with pytest.raises(UserError, match=message):
+        synth.generate_source(spec)
+    assert not (tmp_path / "o").exists() and not root.exists()
+
+
+def test_cli_defect_flag(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    args = ["synth", "--layout", "visa", "--family", "eval", "--classes", "1", "--normal", "1", "--abnormal", "2",
+            "--size", "32", "--defect", "dirt"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    assert "defects per type: dirt 2" in capsys.readouterr().out
+    assert main(args + ["--out", str(tmp_path / "b"), "--defect", "pit"]) == 2
+    assert "'pit' belongs to family 'pretrain', not 'eval'" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- new products and defects

@@ -77,14 +77,51 @@ def family_classes(family: str | None, classes: int | list[str] | None) -> list[
     return list(pool[:classes])
 
 
-def defect_types(cls: str | None, family: str | None) -> tuple[str, ...]:
+def chosen_defects(defects: list[str] | None, family: str | None, classes: list[str]) -> tuple[str, ...] | None:
+    """The defect types the user chose, checked: each once, of ``family`` (of any family without
+    one), and at least one of them paintable on each of ``classes`` (the synthetic classes that
+    get abnormal images). None: every type of each class."""
+    if defects is None:
+        return None
+    pool = get_family(family).defects if family is not None else DEFECT_TYPES
+    where = f"family {family!r}" if family is not None else "the synthetic data"
+    fix = f"choose among the defect types of {where}: {', '.join(pool)}"
+    unknown = [d for d in defects if d not in DEFECT_TYPES]
+    if unknown:
+        raise UserError(f"synth: unknown defect type {', '.join(map(repr, unknown))}; {fix} (docs/synth.md)")
+    if not defects:
+        raise UserError(f"synth: the list of defect types is empty; {fix} (or leave out the list for all of them)")
+    twice = [d for i, d in enumerate(defects) if d in defects[:i]]
+    if twice:
+        raise UserError(f"synth: defect type {twice[0]!r} is given twice; name each type once ({fix})")
+    other = [d for d in defects if d not in pool]
+    if other:
+        raise UserError(
+            f"synth: defect type {other[0]!r} belongs to family {FAMILY_OF_DEFECT[other[0]]!r}, not {family!r}; {fix}"
+        )
+    cells = [d for d in defects if d in CELL_TYPES]
+    for cls in classes:
+        if not defect_types(cls, family, defects):
+            why = f" ({', '.join(cells)}: periodic classes only)" if cells and not CLASSES[cls].periodic else ""
+            raise UserError(
+                f"synth: class {cls!r} takes none of the defect types {', '.join(defects)}{why}; add one of "
+                f"{', '.join(defect_types(cls, family))} to the defect types, or leave out the class"
+            )
+    return tuple(defects)
+
+
+def defect_types(cls: str | None, family: str | None, chosen: tuple[str, ...] | list[str] | None = None) -> tuple[str, ...]:
     """The defect types of a class's abnormal images: its family's (those that interrupt a
     periodic pattern only for periodic products). A class made from the user's images
-    (``cls`` not a synthetic class): the given family's, or every type."""
+    (``cls`` not a synthetic class): the given family's, or every type. ``chosen``: only
+    those of them (:func:`chosen_defects`)."""
     if cls in FAMILY_OF_CLASS:
         types = FAMILIES[FAMILY_OF_CLASS[cls]].defects
-        return types if CLASSES[cls].periodic else tuple(t for t in types if t not in CELL_TYPES)
-    return get_family(family).defects if family is not None else DEFECT_TYPES
+        if not CLASSES[cls].periodic:
+            types = tuple(t for t in types if t not in CELL_TYPES)
+    else:
+        types = get_family(family).defects if family is not None else DEFECT_TYPES
+    return types if chosen is None else tuple(t for t in types if t in chosen)
 
 
 def area_span(types: tuple[str, ...]) -> tuple[float, float]:

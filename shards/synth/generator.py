@@ -23,7 +23,8 @@ from shards.spec import SourceSpec
 from shards.synth.defects import DEFECT_TYPES, REALIAD_CODES
 from shards.synth.layouts import BTAD_FORMATS, SYNTH_LAYOUTS, WRITERS
 from shards.synth.base import BASE_MODES, Piece, list_base_images, tiles
-from shards.synth.families import FAMILY_NAMES, FAMILY_OF_CLASS, defect_types, family_classes, get_family
+from shards.synth.families import (FAMILY_NAMES, FAMILY_OF_CLASS, chosen_defects, defect_types, family_classes,
+                                   get_family)
 from shards.synth.output import Options, Run, Sink, SynthSummary
 from shards.synth.products import CLASS_NAMES
 
@@ -87,6 +88,7 @@ def generate(
     views: int = 5,
     seed: int = 0,
     family: str | None = None,
+    defects: list[str] | None = None,
     base_images: str | Path | None = None,
     base_mode: str = "whole",
     tile: int | None = None,
@@ -101,17 +103,20 @@ def generate(
     ``height`` (default square). ``base_images``: a folder of the user's normal images, used
     as the one class (its name from the folder, or the single name in ``classes``), whole or
     cut into ``tile``-wide tiles (``base_mode``); defects of ``family`` (every type without
-    one) are rendered onto them. ``camera``: real-camera effects on the rendered classes.
+    one) are rendered onto them. ``defects``: only these of the classes' defect types (of
+    ``family``'s; every class with abnormal images must take one of them); default all.
+    ``camera``: real-camera effects on the rendered classes.
     Files are written to a temporary name and renamed.
     """
     _check_args(layout, normal, abnormal, size, views, height, tile)
     base = _base_pieces(base_images, base_mode, tile, size, height)
     names = _class_list(classes, family, layout, base, base_images)
+    chosen = chosen_defects(defects, family, names if base is None and abnormal else [])
     if base is not None and len(base) < normal:
         log.warning("synth: %s holds %d %s, fewer than --normal %d; using all of them as normal images",
                     base_images, len(base), "tiles" if base_mode == "tile" else "images", normal)
         normal = len(base)
-    opts = Options(names, normal, abnormal, size, height, views, seed, base, family, bool(camera))
+    opts = Options(names, normal, abnormal, size, height, views, seed, base, family, chosen, bool(camera))
     per_class = (normal + abnormal) * (views if layout == "realiad" else 1)
     sink = Sink(out)
     start = time.perf_counter()
@@ -142,13 +147,15 @@ def _check_args(layout: str, normal: int, abnormal: int, size: int, views: int, 
 
 def _info(layout: str, opts: Options, base_images: str | Path | None, base_mode: str) -> dict:
     """The contents of ``synth_info.json``: the data is synthetic, and how it was made."""
-    types = [t for t in DEFECT_TYPES if any(t in defect_types(None if opts.base else n, opts.family) for n in opts.names)]
+    types = [t for t in DEFECT_TYPES if any(t in defect_types(None if opts.base else n, opts.family, opts.defects)
+                                          for n in opts.names)]
     info = {
         "synthetic": True,
         "generator": "adpretrain synth",
         "layout": layout,
         "classes": opts.names,
         "family": opts.family,
+        "defects": list(opts.defects) if opts.defects is not None else None,
         "families": {n: FAMILY_OF_CLASS.get(n) for n in opts.names} if opts.base is None else {},
         "normal": opts.normal,
         "abnormal": opts.abnormal,
@@ -181,6 +188,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="a class by name (repeat for several)")
     parser.add_argument("--family", default=None, choices=FAMILY_NAMES,
                         help="classes and defect types of one family (see docs/synth.md)")
+    parser.add_argument("--defect", dest="defects", action="append", metavar="TYPE",
+                        help="a defect type to paint, repeatable (default: every type of the family, or of all)")
     parser.add_argument("--normal", type=int, default=20, help="normal images per class (samples in realiad; default 20)")
     parser.add_argument("--abnormal", type=int, default=10, help="abnormal images per class (samples in realiad; default 10)")
     parser.add_argument("--size", type=int, default=256, help="image width in pixels (default 256)")
@@ -210,6 +219,7 @@ def generate_from_args(args: argparse.Namespace) -> SynthSummary:
         views=args.views,
         seed=args.seed,
         family=args.family,
+        defects=args.defects,
         base_images=args.base_images,
         base_mode=args.base_mode,
         tile=args.tile,
@@ -236,8 +246,8 @@ def generate_source(spec: SourceSpec, progress: bool = False) -> None:
     try:
         out = os.path.join(tmp, "root")
         generate(spec.layout, out, classes=s.classes, normal=s.normal, abnormal=s.abnormal, size=s.size,
-                 height=s.height, views=s.views, seed=s.seed, family=s.family, base_images=s.base_images,
-                 base_mode=s.base_mode, tile=s.tile, camera=s.camera, progress=progress)
+                 height=s.height, views=s.views, seed=s.seed, family=s.family, defects=s.defects,
+                 base_images=s.base_images, base_mode=s.base_mode, tile=s.tile, camera=s.camera, progress=progress)
         if local:
             os.replace(out, spec.root)
         else:

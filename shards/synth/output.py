@@ -123,6 +123,7 @@ class Options:
     seed: int
     base: list[Piece] | None  # the pieces of the user's images; None: rendered classes
     family: str | None
+    defects: tuple[str, ...] | None  # the chosen defect types; None: every type of each class
     camera: bool
 
 
@@ -141,7 +142,7 @@ class Run:
         for name in self.names:
             self.summary.classes[name] = {"normal": 0, "abnormal": 0}
             yield ClassSource(name, o.seed, o.abnormal, o.base, o.normal, height=o.height, family=o.family,
-                              camera=o.camera)
+                              defects=o.defects, camera=o.camera)
 
     def image(self, cls: str, rel: str, item: Item, suffix: str) -> None:
         self.sink.write(rel, encode(item.image, suffix))

@@ -47,18 +47,20 @@ class ClassSource:
     """Normal scenes of one class (rendered, or pieces of the user's images) and its planned defects.
 
     ``family``: the defect types of a class made from the user's images (None: every type);
-    a synthetic class always draws its own family's. ``camera``: real-camera effects on the
-    rendered classes (the user's images are photographs already and get none)."""
+    a synthetic class always draws its own family's. ``defects``: only those of these types
+    (checked by :func:`~shards.synth.families.chosen_defects`). ``camera``: real-camera
+    effects on the rendered classes (the user's images are photographs already and get none)."""
 
     def __init__(self, name: str, seed: int, abnormal: int, base_files: list[Piece] | None, normal: int, *,
-                 height: int | None = None, family: str | None = None, camera: bool = True) -> None:
+                 height: int | None = None, family: str | None = None, defects: tuple[str, ...] | None = None,
+                 camera: bool = True) -> None:
         self.name = name
         self.seed = seed
         self.base_files = base_files
         self.height = height
-        self.types = defect_types(None if base_files is not None else name, family)
+        self.types = defect_types(None if base_files is not None else name, family, defects)
         self.camera = camera and base_files is None
-        self.plan = plan_defects(self._rng(2, 0), abnormal, self.types)
+        self.plan = plan_defects(self._rng(2, 0), abnormal, self.types) if abnormal else []
         if base_files is not None:
             self.normal_files = base_files[:normal]
             self.abnormal_files = base_files[normal:] or base_files
