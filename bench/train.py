@@ -221,7 +221,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
 
     ours = Loop("ours (shards + stored bank)", cfg, backbone, WorkerBank(store, torch.device("cpu")), centers,
                 ours_batches(cfg, backbone))
-    nchw = released_backbone(backbone)
+    nchw = released_backbone(cfg.backbone)
     released = Loop("released (files + refs encoded per step)", cfg, nchw, FileReferences(normals, nchw,
                     cfg.backbone.image_size), centers, released_batches(cfg, nchw, records))
     released_attention(released.projector)

@@ -4,7 +4,6 @@
 optimizer step and per-phase timing."""
 from __future__ import annotations
 
-import copy
 import gc
 import time
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
+from pipeline.backbone import build_backbone
 from pipeline.config import Config
 from pipeline.transforms import (
     PhotometricViews,
@@ -39,12 +39,9 @@ def group_of_record(r: SampleRecord) -> str:
     return f"{r.source}/{r.cls}/{r.view or '-'}"
 
 
-def released_backbone(backbone):
-    """A copy of the frozen backbone in NCHW order, as the released code runs it."""
-    released = copy.deepcopy(backbone)
-    released.memory_format = torch.contiguous_format
-    released.model.to(memory_format=torch.contiguous_format)
-    return released
+def released_backbone(spec):
+    """The frozen backbone as timm builds it (batch norms apart, NCHW order), as the released code runs it."""
+    return build_backbone(spec, optimize=False)
 
 
 def released_attention(projector: nn.Module) -> None:

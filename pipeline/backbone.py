@@ -101,10 +101,12 @@ class FeatureExtractor(nn.Module):
         is_vit: bool,
         weights_sha256: str | None,
         weights_desc: str,
+        optimize: bool = True,
     ) -> None:
         super().__init__()
         model.train(False)
-        if not is_vit:
+        optimize = optimize and not is_vit
+        if optimize:
             probe = torch.rand(1, 3, spec.image_size, spec.image_size, generator=torch.Generator().manual_seed(0))
             model = fold_batchnorm(model, lambda m: m.forward_intermediates(probe, indices=indices,
                                                                              intermediates_only=True))
@@ -130,7 +132,7 @@ class FeatureExtractor(nn.Module):
             p.requires_grad_(False)
         # convolutions in channels-last order: measured on one CPU core in bf16, the embedded
         # default's EfficientNet-Lite0 on two views of 8 images took 136 ms against about 320 ms
-        self.memory_format = torch.contiguous_format if is_vit else torch.channels_last
+        self.memory_format = torch.channels_last if optimize else torch.contiguous_format
         model.to(memory_format=self.memory_format)
         super().train(False)
 
@@ -226,8 +228,10 @@ def _install(model: nn.Module, spec: BackboneSpec, loaded: weights.LoadedWeights
     return loaded.sha256, loaded.desc
 
 
-def build_backbone(spec: BackboneSpec) -> FeatureExtractor:
-    """Build the frozen extractor named by ``spec`` with the weights it asks for."""
+def build_backbone(spec: BackboneSpec, optimize: bool = True) -> FeatureExtractor:
+    """Build the frozen extractor named by ``spec`` with the weights it asks for; a CNN's batch
+    norms folded and its convolutions channels-last unless ``optimize`` is off (the model as timm
+    builds it)."""
     _check_name(spec.name)
     if list(spec.levels) != sorted(set(spec.levels)):
         raise UserError(f"backbone.levels {list(spec.levels)} must be strictly increasing")
@@ -244,6 +248,6 @@ def build_backbone(spec: BackboneSpec) -> FeatureExtractor:
     # drop the blocks after the deepest level, the final norm and the head
     model.prune_intermediate_layers(indices, prune_norm=True, prune_head=True)
     sha, desc = _install(model, spec, loaded, full_keys)
-    ext = FeatureExtractor(model, spec, indices, widths, grid, is_vit, sha, desc)
+    ext = FeatureExtractor(model, spec, indices, widths, grid, is_vit, sha, desc, optimize)
     log.info("backbone %s: %s, widths %s, grid %d, %s", spec.name, ext.id, widths, grid, desc)
     return ext

@@ -93,6 +93,13 @@ def test_cnn_levels_are_timm_out_indices_resized_to_the_grid():
         # channels-last convolutions sum in another order than the reference's: float32 rounding
         torch.testing.assert_close(o, e, rtol=1e-4, atol=1e-4)
 
+    # as timm builds it (bench/train.py's released loop): the same features
+    plain = build_backbone(spec(name="tf_efficientnet_lite0", levels=levels, weights={"package": LITE0}, bf16=False),
+                           optimize=False)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules()) and plain.id == ext.id
+    for o, e in zip(plain(x), expected):
+        torch.testing.assert_close(o, e, rtol=1e-4, atol=1e-4)
+
     bf = build_backbone(spec(name="tf_efficientnet_lite0", levels=levels, weights={"package": LITE0}, bf16=True))
     for o, e in zip(bf(x), out):
         assert o.dtype == torch.float32
