@@ -60,7 +60,7 @@ def fold_batchnorm(model: nn.Module, probe: Callable[[nn.Module], list[Tensor]])
     that convolution's weight and bias (its activation kept), or ``model`` itself unless ``probe``
     gives both the same outputs to 1e-4 (a batch norm registered after a convolution its forward
     does not feed). Measured on one CPU core in bf16: EfficientNet-Lite0 on two views of 8
-    images, 33 batch norms folded, about 240 against 170 ms."""
+    images, 33 batch norms folded: about 170 ms against 240."""
     folded = copy.deepcopy(model)
     count = 0
     for parent in folded.modules():
