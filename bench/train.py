@@ -30,6 +30,9 @@ configs/local.yaml) with ``--set key=value`` overrides; the data is the bench's 
 
 Threads: torch runs the loops with ``train.cpus_per_worker`` threads (one by default), as Ray
 Train runs one worker, and the loader processes run beside it (``--threads`` changes it).
+Host memory: freed memory stays in the process (:func:`pipeline.hostmem.retain_freed_memory`,
+as in a training worker) for both loops; the released code leaves glibc's default, under which
+its loop would be slower, so the comparison favours it.
 
 Timing: ``--rounds`` rounds; in each, the two loops run back to back (which goes first
 alternates, so a drifting machine load favours neither), each on a fresh loader with
@@ -200,6 +203,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
     from pipeline.centers import load_centers
     from pipeline.refbank import RefBankStore
     from pipeline.bank import WorkerBank
+    from pipeline.hostmem import retain_freed_memory
     from pipeline.paths import centers_url, refbank_url
     from shards.sources import scan_source
 
@@ -208,6 +212,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
     t = time.perf_counter()
     backbone = prepare(cfg)
     torch.set_num_threads(args.threads or max(1, int(cfg.train.cpus_per_worker)))
+    retain_freed_memory()  # as a training worker does, here for both loops
     print(f"data prepared in {work} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
 
     centers, _ = load_centers(centers_url(cfg, backbone.id), backbone.id)

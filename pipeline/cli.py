@@ -18,6 +18,7 @@ from typing import Callable
 
 from pipeline.config import ConfigError, load_config
 from shards.errors import UserError
+from pipeline.hostmem import retain_freed_memory
 from pipeline.rayctx import shutdown_local_ray
 from shards.storage import mask_secrets
 
@@ -197,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
+    retain_freed_memory()
     previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         return int(args.func(args) or 0)

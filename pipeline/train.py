@@ -36,6 +36,7 @@ from pipeline.config import Config, validate
 from pipeline.devices import to_device
 from shards.errors import UserError
 from pipeline.export import PROJECTOR_FILE
+from pipeline.hostmem import retain_freed_memory
 from pipeline.profiling import STEP, loop_profiler, phase
 
 log = logging.getLogger(__name__)
@@ -216,6 +217,7 @@ def train_loop(loop_config: dict) -> None:
     from pipeline.collectives import MetricWindow
     from pipeline.data import train_loader
 
+    retain_freed_memory()
     w = _setup(loop_config)
     cfg, steps = w.cfg, w.cfg.train.steps
     start = _resume(w.engine)

@@ -23,6 +23,7 @@ from pipeline.config import Config, EvalSpec
 from pipeline.evaluate.cells import Cell, run_cell
 from pipeline.evaluate.features import ClassInfo, ExportBlob, class_features
 from pipeline.evaluate.plan import ClassPlan, ShardImages, Work, decode_shard
+from pipeline.hostmem import retain_freed_memory
 from shards.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -64,12 +65,14 @@ def task_resources(spec: EvalSpec, cluster_gpus: float) -> tuple[bool, dict[str,
 def features_task(use_gpu: bool, blob: ExportBlob, plan: ClassPlan, kinds: Sequence[str],
                   *shards: ShardImages) -> tuple:
     """:func:`class_features` in a Ray task, on the device Ray gave it."""
+    retain_freed_memory()
     return class_features(blob, plan, kinds, devices.task_device(use_gpu), *shards)
 
 
 def cell_task(use_gpu: bool, method: str, kind: str, spec: EvalSpec,
               feats: tuple[list[torch.Tensor], list[torch.Tensor]], info: ClassInfo) -> Cell:
     """:func:`run_cell` in a Ray task, on the device Ray gave it."""
+    retain_freed_memory()
     return run_cell(method, kind, spec, feats, info, devices.task_device(use_gpu))
 
 

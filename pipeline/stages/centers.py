@@ -30,6 +30,7 @@ from pipeline.centers import CenterAccumulator, save_centers
 from pipeline.config import Config, validate
 from pipeline.data import group_of, iter_decoded, rank_key
 from pipeline.devices import task_device
+from pipeline.hostmem import retain_freed_memory
 from pipeline.matching import match_residual
 from pipeline.paths import centers_inputs, centers_url
 from pipeline.refbank import RefBankStore
@@ -89,6 +90,7 @@ def _centers_task(cfg_dict: dict, shards: dict[str, int], quota: dict[str, int],
     cfg = validate(cfg_dict)
     device = task_device(cfg.train.use_gpu)
     torch.set_num_threads(1)
+    retain_freed_memory()
     backbone = build_backbone(cfg.backbone).to(device)
     store = RefBankStore(bank_url, cfg.refbank.cache_groups)
     chosen: dict[str, list[_Candidate]] = defaultdict(list)  # sorted by rank, at most the group's quota
