@@ -119,6 +119,8 @@ class EvalSpec(Strict):
     uniad: UniADSpec = UniADSpec()
     glass: GlassSpec = GlassSpec()
     max_test_images: int | None = Field(None, ge=1, description="cap per class (None: all)")
+    max_fit_images: int | None = Field(None, ge=1, description="cap per class of the normal training images "
+                                       "the methods are fitted on, besides the k_shot references (None: all)")
     out: str = Field("eval", description="results folder (under the run folder)")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = Field(

@@ -9,6 +9,7 @@ devices their tasks compute on are checked through the functions the jobs call.
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -337,3 +338,26 @@ def test_one_thread_on_the_cpu_only():
             assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_fit_set_is_capped_by_max_fit_without_touching_references_or_test_images():
+    from pipeline.evaluate.plan import select_images
+
+    shard = _shard(n_train=10, n_test=4)
+    whole = select_images(ClassPlan("ev", "eval", "c", True, k_shot=2, seed=0, max_test=None), [shard])
+    capped = select_images(ClassPlan("ev", "eval", "c", True, k_shot=2, seed=0, max_test=None, max_fit=3), [shard])
+    assert whole.fit_images.shape[0] == 8 and capped.fit_images.shape[0] == 3
+    assert capped.refs == whole.refs and capped.test_keys == whole.test_keys
+    # the capped set is a part of the whole one (the first three in the seeded order)
+    assert {bytes(x.numpy()) for x in capped.fit_images} < {bytes(x.numpy()) for x in whole.fit_images}
+
+
+
+def test_the_config_s_cap_reaches_every_class_plan():
+    from pipeline.config import load_config
+    from pipeline.evaluate.plan import _class_plans
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "ci.yaml", ["eval.max_fit_images=3"])
+    src = next(s for s in cfg.sources if s.split == "val")
+    plans = _class_plans(cfg, src, {"sources": {src.name: {"split": "val", "classes": ["b", "a"]}}})
+    assert [(p.cls, p.max_fit) for p in plans] == [("a", 3), ("b", 3)]

@@ -6,8 +6,9 @@
   evaluated on part of its images;
 - per class, a fixed, seeded K-shot reference set drawn from the class's normal training
   images (the K with the smallest seeded hash of their key: independent of shard order),
-  the other normal training images as the fit set, the test images as the rest (capped by
-  ``eval.max_test_images``, abnormal and normal kept in proportion).
+  the other normal training images as the fit set (the next ``eval.max_fit_images`` in the
+  same order when set), the test images as the rest (capped by ``eval.max_test_images``,
+  abnormal and normal kept in proportion).
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ class ClassPlan:
     k_shot: int
     seed: int
     max_test: int | None
+    max_fit: int | None = None
 
 
 @dataclass
@@ -118,6 +120,8 @@ def select_images(plan: ClassPlan, shards: Sequence[ShardImages]) -> ClassImages
         n_abn = min(len(abn), max(1, round(plan.max_test * len(abn) / len(test))), plan.max_test - 1)
         test = abn[:n_abn] + nor[: plan.max_test - n_abn]
     refs, fit = normal_train[: plan.k_shot], normal_train[plan.k_shot :]
+    if plan.max_fit is not None:
+        fit = fit[: plan.max_fit]  # the first in the seeded order, as the references
     by_key = lambda ts: sorted(ts, key=lambda t: shards[t[1]].keys[t[2]])  # noqa: E731
     refs, fit, test = by_key(refs), by_key(fit), by_key(test)
 
@@ -164,8 +168,8 @@ def _class_plans(cfg: Config, src: SourceSpec, manifest: dict) -> list[ClassPlan
         raise DataError(f"source {src.name!r} (split: {src.split}) is not in the shards at {cfg.shards.url!r}: "
                         "run `adpretrain build-shards CONFIG` again")
     e = cfg.eval
-    return [ClassPlan(src.name, src.split, cls, src.masks != "none", e.k_shot, e.seed, e.max_test_images)
-            for cls in sorted(entry["classes"])]
+    return [ClassPlan(src.name, src.split, cls, src.masks != "none", e.k_shot, e.seed, e.max_test_images,
+                      e.max_fit_images) for cls in sorted(entry["classes"])]
 
 
 Work = list[tuple[SourceSpec, list[tuple[str, int]], list[ClassPlan]]]
