@@ -11,8 +11,8 @@ per step).
 :func:`retain_freed_memory` raises the mmap and trim thresholds (``mallopt``), so large blocks
 come from the heap and freed ones are reused: a process keeps its peak memory instead of
 returning it between steps. It is called at the start of the processes that run the pipeline's
-tensor work (the Ray Train workers, the evaluation, centers and reference-bank tasks, the
-CLI); forked data-loader workers inherit it. Elsewhere than glibc it does nothing.
+tensor work (the Ray Train workers, the evaluation and centers tasks, and the CLI, which encodes
+the reference bank itself); forked data-loader workers inherit it. Elsewhere than glibc it does nothing.
 """
 
 from __future__ import annotations
