@@ -17,7 +17,7 @@ import shutil
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 from pipeline import devices, levels
 from pipeline.config import BackboneSpec, ProjectorSpec
@@ -94,11 +94,27 @@ def read_spec(folder: str) -> dict:
     path = os.path.join(folder, SPEC_FILE)
     if not os.path.isfile(path):
         raise UserError(f"{folder!r} is not an exported projector: {SPEC_FILE} is missing")
-    with open(path) as f:
-        spec = json.load(f)
+    with open(path, "rb") as f:
+        return _parse_spec(f.read(), path)
+
+
+def _parse_spec(text: bytes, where: str) -> dict:
+    spec = json.loads(text)
     if spec.get("format") != FORMAT:
-        raise UserError(f"{path}: export format {spec.get('format')!r} is not supported (expected {FORMAT})")
+        raise UserError(f"{where}: export format {spec.get('format')!r} is not supported (expected {FORMAT})")
     return spec
+
+
+def read_files(folder: str) -> dict[str, bytes]:
+    """The bytes of every file of the export in ``folder`` (:data:`FILES`)."""
+    files = {}
+    for name in FILES:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            raise UserError(f"{folder!r} is not an exported projector: {name} is missing")
+        with open(path, "rb") as f:
+            files[name] = f.read()
+    return files
 
 
 @dataclass
@@ -147,6 +163,13 @@ class ADFeatures:
 def load_feature_extractor(folder: str, device: str | torch.device = "cpu") -> ADFeatures:
     """The exported projector in ``folder`` with its backbone, on ``device``: ``"cpu"``, ``"cuda"``
     (the current CUDA device), ``"auto"`` (CUDA when present), or any ``torch.device``."""
+    return extractor_from_files(read_files(folder), device, folder)
+
+
+def extractor_from_files(files: dict[str, bytes], device: str | torch.device = "cpu",
+                         where: str = "export") -> ADFeatures:
+    """:func:`load_feature_extractor` of an export held in memory (:func:`read_files`); ``where``
+    names it in errors. Nothing is written to disk."""
     from pipeline.backbone import build_backbone
     from pipeline.projector import Projector
 
@@ -154,15 +177,15 @@ def load_feature_extractor(folder: str, device: str | torch.device = "cpu") -> A
         device = devices.resolve(device)
     device = torch.device(device)
     devices.require_cuda(device.type == "cuda", f"device {str(device)!r}")
-    spec = read_spec(folder)
+    spec = _parse_spec(files[SPEC_FILE], os.path.join(where, SPEC_FILE))
     backbone = build_backbone(BackboneSpec.model_validate(spec["backbone"])).to(device)
     if spec.get("weights_sha256") and backbone.weights_sha256 and spec["weights_sha256"] != backbone.weights_sha256:
         raise UserError(
-            f"{folder}: the projector was trained on backbone weights {spec['weights_sha256'][:12]} but the "
+            f"{where}: the projector was trained on backbone weights {spec['weights_sha256'][:12]} but the "
             f"weights found here are {backbone.weights_sha256[:12]}; use the same weights file"
         )
     projector = Projector.from_spec(spec["widths"], ProjectorSpec.model_validate(spec["projector"]))
-    projector.load_state_dict(load_file(os.path.join(folder, PROJECTOR_FILE)))
+    projector.load_state_dict(load(files[PROJECTOR_FILE]))
     projector.eval().to(device)
-    centers = [c.to(device) for c in levels.in_order(load_file(os.path.join(folder, CENTERS_FILE)))]
+    centers = [c.to(device) for c in levels.in_order(load(files[CENTERS_FILE]))]
     return ADFeatures(backbone, projector, centers, spec, device)

@@ -250,6 +250,27 @@ def _shard(n_train: int = 4, n_test: int = 4, size: int = 64) -> ShardImages:
                        masks=masks)
 
 
+def test_tasks_load_the_export_from_its_bytes_and_write_nothing(export, tmp_path, monkeypatch):
+    """A task's extractor is built from the blob's bytes: the same model as the folder's, and no
+    file under the temporary directory (nothing a run could leave behind on a node)."""
+    import tempfile
+
+    from pipeline.export import load_feature_extractor
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    blob = features.ExportBlob.read(export)
+    features._extractors.clear()
+    fx, ref = features._extractor(blob, devices.CPU), load_feature_extractor(export)
+    assert features._extractor(blob, devices.CPU) is fx  # loaded once per process
+    assert list(tmp_path.iterdir()) == []
+    images, refs = _images(2, 3), _images(2, 4)
+    for a, b in zip(fx.features(images, refs), ref.features(images, refs)):
+        assert torch.equal(a, b)
+    broken = features.ExportBlob(blob.digest + "x", {**blob.files, "spec.json": b'{"format": 99}'})
+    with pytest.raises(UserError, match=r"export .*spec.json: export format 99 is not supported"):
+        features._extractor(broken, devices.CPU)
+
+
 def test_features_and_methods_on_the_device_equal_the_cpu(export, fake_cuda, monkeypatch):
     """The jobs' feature and method functions on (fake) cuda:5 move every input there, return
     CPU tensors, and compute what they compute on the CPU."""

@@ -12,9 +12,6 @@ class of a ``split: val`` source, that includes the patch values of the diagnosi
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -26,8 +23,7 @@ from pipeline.config import KINDS
 from pipeline.evaluate.diagnosis import Values, class_values, split_patches
 from pipeline.evaluate.plan import ClassPlan, ShardImages, select_images
 from pipeline.evaluate.threads import computing_on
-from pipeline.export import FILES, SPEC_FILE
-from shards.errors import UserError
+from pipeline.export import FILES, extractor_from_files, read_files
 
 PICTURES_PER_CLASS = 4
 BATCH = 16  # images per backbone / predict batch
@@ -42,13 +38,7 @@ class ExportBlob:
 
     @classmethod
     def read(cls, folder: str) -> "ExportBlob":
-        files = {}
-        for name in FILES:
-            path = os.path.join(folder, name)
-            if not os.path.isfile(path):
-                raise UserError(f"{folder!r} is not an exported projector: {name} is missing")
-            with open(path, "rb") as f:
-                files[name] = f.read()
+        files = read_files(folder)
         h = hashlib.sha256()
         for name in FILES:
             h.update(hashlib.sha256(files[name]).digest())
@@ -60,21 +50,9 @@ _extractors: dict[tuple[str, torch.device], Any] = {}
 
 def _extractor(blob: ExportBlob, device: torch.device):
     """The feature extractor of ``blob`` on ``device``, loaded once per process."""
-    from pipeline.export import load_feature_extractor
-
     if (blob.digest, device) not in _extractors:
-        folder = os.path.join(tempfile.gettempdir(), f"adpretrain-export-{blob.digest[:16]}")
-        if not os.path.isfile(os.path.join(folder, SPEC_FILE)):
-            tmp = tempfile.mkdtemp(prefix=".export-", dir=tempfile.gettempdir())
-            for name, data in blob.files.items():
-                with open(os.path.join(tmp, name), "wb") as f:
-                    f.write(data)
-            try:
-                os.replace(tmp, folder)
-            except OSError:  # another process unpacked it first
-                shutil.rmtree(tmp, ignore_errors=True)
         _extractors.clear()
-        _extractors[blob.digest, device] = load_feature_extractor(folder, device)
+        _extractors[blob.digest, device] = extractor_from_files(blob.files, device, f"export {blob.digest[:12]}")
     return _extractors[blob.digest, device]
 
 
