@@ -201,6 +201,6 @@ def write_report(cfg: Config, chain) -> str:
     os.replace(path + ".tmp", path)
     tracker = RunTracker.attach(cfg.tracking.model_copy(update={"system_metrics": False}), run_id)
     tracker.log_artifacts(folder, "report")
-    tracker.flush()
+    tracker.close()
     log.info("report: %s", path)
     return path

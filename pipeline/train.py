@@ -244,7 +244,7 @@ def train_loop(loop_config: dict) -> None:
             _checkpoint(w, metrics, done, tracker, loop_config.get("storage_uri", ""))
     _close_profile(profiler, tracker)
     if tracker is not None:
-        tracker.flush()
+        tracker.close()
 
 
 def _close_profile(profiler, tracker) -> None:

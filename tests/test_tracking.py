@@ -154,6 +154,22 @@ def test_metrics_are_buffered_and_batched(spec: TrackingSpec):
     tr.end()
 
 
+def test_close_lets_go_of_an_attached_handle_and_leaves_the_run_running(spec: TrackingSpec):
+    """An attached handle's close writes what it holds, stops its writer thread and removes its
+    spool folder, and the run stays RUNNING for its owner, whose end removes its own spool."""
+    tr = RunTracker.start(spec, config(), run_name="close", tags={}, flush_every=100, flush_seconds=1e9)
+    worker = RunTracker.attach(spec, tr.run_id, flush_every=100, flush_seconds=1e9)
+    worker.log_metrics({"loss": 0.5}, step=1)
+    assert os.path.isdir(worker._spool) and worker._writer._thread.is_alive()
+    worker.close(timeout=60)
+    c = client(spec)
+    assert [m.value for m in c.get_metric_history(tr.run_id, "loss")] == [0.5]
+    assert not os.path.exists(worker._spool) and not worker._writer._thread.is_alive()
+    assert c.get_run(tr.run_id).info.status == "RUNNING"
+    tr.end()
+    assert not os.path.exists(tr._spool) and c.get_run(tr.run_id).info.status == "FINISHED"
+
+
 def test_locked_database_is_retried_without_blocking_training(spec: TrackingSpec, caplog):
     """A writer holding the database longer than sqlite's busy timeout (20 s in MLflow) makes a
     write fail with 'database is locked': it is retried, training calls never wait or raise."""

@@ -280,10 +280,23 @@ class RunTracker:
         if status not in ("FINISHED", "FAILED", "KILLED"):
             raise ValueError(f"run status {status!r} is not one of FINISHED, FAILED, KILLED")
         self.flush(timeout)
+        self._stop_system_metrics()
+        self._sync(lambda: self.client.set_terminated(self.run_id, status), f"mark run {status}")
+        self._release(timeout)
+
+    def close(self, timeout: float | None = 300.0) -> None:
+        """Flush and let go of this handle without ending the run (a handle :meth:`attach` gave to
+        another process): its system metrics, writer thread and spool folder stop or go."""
+        self.flush(timeout)
+        self._stop_system_metrics()
+        self._release(timeout)
+
+    def _stop_system_metrics(self) -> None:
         if self._monitor is not None:
             self._monitor.finish()
             self._monitor = None
-        self._sync(lambda: self.client.set_terminated(self.run_id, status), f"mark run {status}")
+
+    def _release(self, timeout: float | None) -> None:
         self._writer.close(timeout)
         shutil.rmtree(self._spool, ignore_errors=True)
 
