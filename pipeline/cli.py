@@ -192,11 +192,22 @@ def _interrupt(signum: int, frame) -> None:
     raise Interrupted(signum)
 
 
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, with ``key=value`` overrides taken on both sides of the options
+    (``evaluate CONFIG --model URI name=x``: argparse alone stops the overrides at the option)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     use_interpreter_tools()
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(argv)
     setup_logging(args.verbose)
     retain_freed_memory()
     previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
