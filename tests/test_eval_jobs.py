@@ -131,6 +131,18 @@ def test_parallel_equals_sequential_files_and_mlflow(setup, capsys):
     # files and pictures
     md = open(seq.files["markdown"]).read()
     assert "| eval | heldout-nomask | synth_leather | featurenorm | raw |" in md and NA in md
+    assert "## Pretrained features against the other kinds: image AUROC" in md
+    with open(seq.files["intervals"]) as f:
+        intervals = json.load(f)
+    assert intervals["level"] == 0.95 and intervals["metric"] == "image_auroc"
+    # every source, method and ordered pair of kinds, each difference the difference of the class means
+    assert len(intervals["rows"]) == 3 * len(cfg.eval.methods) * len(cfg.eval.kinds) * (len(cfg.eval.kinds) - 1)
+    auroc = {(r["source"], r["method"], r["kind"]): r["image_auroc"] for r in per_class}
+    for r in intervals["rows"]:
+        assert r["classes"] == 1 and r["low"] <= r["high"]
+        want = auroc[r["source"], r["method"], r["kind"]] - auroc[r["source"], r["method"], r["against"]]
+        assert r["diff"] == pytest.approx(want, abs=1e-12)
+    assert all("interval" in c for c in seq.selection["gate"]["checks"])
     pics = sorted(os.listdir(os.path.join(seq.out_dir, "pictures", "maps")))
     assert pics == ["heldout-nomask__synth_leather.png", "heldout__synth_leather.png", "valset__synth_tile.png"]
     for sub in ("maps", "norms"):
@@ -151,7 +163,7 @@ def test_parallel_equals_sequential_files_and_mlflow(setup, capsys):
     assert m["selection/value"] == seq.selection["new_value"]
     arts = {a.path for a in _client(cfg).list_artifacts(seq.run_id, "evaluation")}
     assert {"evaluation/results.csv", "evaluation/results.md", "evaluation/references.json",
-            "evaluation/pictures"} <= arts
+            "evaluation/intervals.json", "evaluation/pictures"} <= arts
     # no registered version: the selection value is computed on val only, nothing is decided
     val = [r["image_auroc"] for r in per_class if r["source"] == "valset"
            and (r["method"], r["kind"]) == ("patchcore", "pretrained")]

@@ -39,6 +39,7 @@ from typing import Sequence
 from pipeline import devices
 from pipeline.config import Config
 from pipeline.evaluate.features import ExportBlob
+from pipeline.evaluate.intervals import class_scores, interval_rows
 from pipeline.evaluate.model import ModelRef, resolve_model
 from pipeline.evaluate.plan import plan_work, select_sources
 from pipeline.evaluate.results import EvalResult, log_run, table_rows, write_outputs
@@ -83,11 +84,11 @@ def evaluate(cfg: Config, model: str | None = None, checkpoint: str | None = Non
     infos, cells = runner(cfg, blob, work, int(spec["image_size"]), progress)
     log.info("evaluated %d classes x %d methods x %d kinds in %.1f s", len(infos), len(cfg.eval.methods),
              len(cfg.eval.kinds), time.perf_counter() - start)
-    rows = table_rows(infos, cells)
-    selection = select_model(cfg, ref, rows, decide) if has_val else None
+    rows, scores = table_rows(infos, cells), class_scores(infos, cells)
+    selection = select_model(cfg, ref, rows, decide, scores) if has_val else None
 
     out_dir = eval_dir(cfg)
-    files = write_outputs(out_dir, rows, infos, cells, cfg, ref, spec, selection)
+    files = write_outputs(out_dir, rows, infos, cells, cfg, ref, spec, selection, interval_rows(scores))
     run_id, uri = log_run(cfg, ref, spec, rows, selection, out_dir)
     return EvalResult(rows=rows, out_dir=out_dir, files=files, references={f"{i.source}/{i.cls}": i.refs for i in infos},
                       model=ref.label, selection=selection, run_id=run_id, tracking_uri=uri)

@@ -29,6 +29,8 @@ from pipeline.evalspec import METRICS
 from pipeline.evaluate.cells import Cell
 from pipeline.evaluate.diagnosis import write_diagnosis
 from pipeline.evaluate.features import ClassInfo
+from pipeline.evaluate.intervals import LEVEL, RESAMPLES
+from pipeline.evaluate.intervals import markdown as intervals_markdown
 from pipeline.evaluate.model import ModelRef
 from shards.storage import mask_secrets
 
@@ -136,13 +138,14 @@ def _safe(name: str) -> str:
 
 
 def write_outputs(out_dir: str, rows: list[dict], infos: list[ClassInfo], cells: list[Cell], cfg: Config,
-                  model: ModelRef, spec: dict, selection: dict | None) -> dict[str, str]:
-    """Write the table, references, pictures and diagnosis into a fresh folder, then swap it in."""
+                  model: ModelRef, spec: dict, selection: dict | None, intervals: list[dict]) -> dict[str, str]:
+    """Write the table, the intervals (``intervals.interval_rows``), references, pictures and
+    diagnosis into a fresh folder, then swap it in."""
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}-", dir=parent)
     try:
-        files = _write_tables(tmp, rows, infos, cfg, model, spec, selection)
+        files = _write_tables(tmp, rows, infos, cfg, model, spec, selection, intervals)
         _write_pictures(tmp, infos, cells, cfg)
         files["pictures"] = "pictures"
         files.update(write_diagnosis(tmp, infos, model, spec["backbone"]["levels"]))
@@ -159,7 +162,8 @@ def write_outputs(out_dir: str, rows: list[dict], infos: list[ClassInfo], cells:
     return {k: os.path.join(out_dir, v) for k, v in files.items()}
 
 
-def _markdown(rows: list[dict], cfg: Config, model: ModelRef, spec: dict, selection: dict | None) -> str:
+def _markdown(rows: list[dict], cfg: Config, model: ModelRef, spec: dict, selection: dict | None,
+              intervals: list[dict]) -> str:
     table = [r for r in rows if r["class"] != "mean"]
     means = [r for r in rows if r["class"] == "mean"]
     warn = ["", "**The backbone has random weights: these numbers do not reflect a pretrained backbone.**"] \
@@ -167,20 +171,29 @@ def _markdown(rows: list[dict], cfg: Config, model: ModelRef, spec: dict, select
     md = [f"# Evaluation of {model.label}", *warn, "",
           f"K-shot references: {cfg.eval.k_shot} (seed {cfg.eval.seed}); methods {list(cfg.eval.methods)}; "
           f"kinds {list(cfg.eval.kinds)}. {NA}: not available (no pixel masks).", "",
-          "## Means over classes", "", markdown_table(means), "", "## Per class", "", markdown_table(table), ""]
+          "## Means over classes", "", markdown_table(means), ""]
+    if any(r["kind"] == "pretrained" for r in intervals):
+        md += ["## Pretrained features against the other kinds: image AUROC", "",
+               f"Mean over the classes of the difference, and its {LEVEL:.0%} interval (paired bootstrap over the "
+               f"test images of each class, {RESAMPLES} resamples; every kind against every other: intervals.json). "
+               "`better` or `worse` when the interval excludes 0.", "", intervals_markdown(intervals), ""]
+    md += ["## Per class", "", markdown_table(table), ""]
     if selection is not None:
         md += ["## Model selection (val sources only)", "", "```", json.dumps(selection, indent=1), "```", ""]
     return "\n".join(md)
 
 
 def _write_tables(tmp: str, rows: list[dict], infos: list[ClassInfo], cfg: Config, model: ModelRef,
-                  spec: dict, selection: dict | None) -> dict[str, str]:
-    """The CSV, the Markdown, the references (and the selection) in ``tmp``: name -> file name."""
-    files = {"csv": "results.csv", "markdown": "results.md", "references": "references.json"}
+                  spec: dict, selection: dict | None, intervals: list[dict]) -> dict[str, str]:
+    """The CSV, the Markdown, the intervals, the references (and the selection) in ``tmp``: name -> file name."""
+    files = {"csv": "results.csv", "markdown": "results.md", "references": "references.json",
+             "intervals": "intervals.json"}
     with open(os.path.join(tmp, files["csv"]), "w") as f:
         f.write(csv_text(rows))
     with open(os.path.join(tmp, files["markdown"]), "w") as f:
-        f.write(_markdown(rows, cfg, model, spec, selection))
+        f.write(_markdown(rows, cfg, model, spec, selection, intervals))
+    with open(os.path.join(tmp, files["intervals"]), "w") as f:
+        json.dump({"level": LEVEL, "resamples": RESAMPLES, "metric": "image_auroc", "rows": intervals}, f, indent=1)
     refs = {f"{i.source}/{i.cls}": i.refs for i in infos}
     with open(os.path.join(tmp, files["references"]), "w") as f:
         json.dump({"k_shot": cfg.eval.k_shot, "seed": cfg.eval.seed, "references": refs,
