@@ -146,6 +146,17 @@ def selection_html(s: dict) -> str:
     return f"<h2>Model selection (validation source)</h2>{gate}<pre>{_esc(json.dumps(s, indent=1))}</pre>"
 
 
+def intervals_html(path: str) -> str:
+    """How sure the differences of image AUROC are: pretrained features against the other kinds."""
+    from pipeline.evaluate.intervals import markdown
+
+    with open(path) as f:
+        iv = json.load(f)
+    return (f"<h2>How sure: pretrained against the other kinds</h2><p>Difference of the mean image AUROC and "
+            f"its {iv['level']:.0%} interval (paired bootstrap over each class's test images, {iv['resamples']} "
+            f"resamples).</p><pre>{_esc(markdown(iv['rows']))}</pre>")
+
+
 def write_report(cfg: Config, chain) -> str:
     """Write ``{workdir}/{name}/report/report.html``; log the folder to the pretraining run."""
     from pipeline.export import read_spec
@@ -170,6 +181,8 @@ def write_report(cfg: Config, chain) -> str:
     parts.append("<p>Mean over the held-out evaluation classes (never seen in pretraining, never used for model "
                  "selection). Best feature kind per method and metric in bold.</p>")
     parts.append(headline_table(ev.rows, "eval") if ev else "<p>Evaluation did not run.</p>")
+    if ev and "intervals" in ev.files:
+        parts.append(intervals_html(ev.files["intervals"]))
     if ev and ev.selection:
         parts.append(selection_html(ev.selection))
     parts.append("<h2>Training</h2>")

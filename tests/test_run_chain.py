@@ -45,6 +45,7 @@ def test_run_chain_ci_config(tmp_path):
     report = tmp_path / "runs/ci/report/report.html"
     html = report.read_text()
     assert "pretrained vs residual vs raw" in html and "loss.png" in html and "maps/" in html
+    assert "How sure: pretrained against the other kinds" in html and "% interval |" in html
     assert (tmp_path / "runs/ci/report/loss.png").stat().st_size > 1000
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")

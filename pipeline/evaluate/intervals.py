@@ -49,7 +49,7 @@ def resampled_auroc(wins: np.ndarray, idx_abnormal: np.ndarray, idx_normal: np.n
     """(B,) AUROC of each resample: rows of ``idx_abnormal`` / ``idx_normal`` index the abnormal
     and normal images of the class (the rows and columns of ``wins``)."""
     c1, c0 = counts(idx_abnormal, wins.shape[0]), counts(idx_normal, wins.shape[1])
-    return np.einsum("bi,ij,bj->b", c1, wins, c0) / (idx_abnormal.shape[1] * idx_normal.shape[1])
+    return ((c1 @ wins) * c0).sum(1) / (idx_abnormal.shape[1] * idx_normal.shape[1])
 
 
 def paired_interval(classes: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], resamples: int = RESAMPLES,
@@ -68,7 +68,7 @@ def paired_interval(classes: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]
         diff += resampled_auroc(wa - wb, i1, i0)
     k = len(classes)
     lo, hi = np.quantile(diff / k, [(1 - level) / 2, (1 + level) / 2])
-    return {"diff": point / k, "low": float(lo), "high": float(hi)}
+    return {"diff": float(point / k), "low": float(lo), "high": float(hi)}
 
 
 Scores = dict[tuple[str, str, str, str], dict[str, tuple[np.ndarray, np.ndarray]]]
