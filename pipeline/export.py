@@ -80,14 +80,20 @@ def _write_spec(folder: str, spec: dict) -> None:
     os.replace(tmp, os.path.join(folder, SPEC_FILE))
 
 
-def registered_as(folder: str) -> tuple[str | None, str | None]:
-    """(name, version) in the registry of an exported folder; (None, None) before registration."""
+def registration(folder: str) -> dict | None:
+    """``registered.json`` of an exported folder: name, version and the tracking store (its URI,
+    credentials masked; absent in folders registered before it was recorded); None before registration."""
     path = os.path.join(folder, REGISTERED_FILE)
     if not os.path.isfile(path):
-        return None, None
+        return None
     with open(path) as f:
-        r = json.load(f)
-    return r.get("name"), str(r.get("version"))
+        return json.load(f)
+
+
+def registered_as(folder: str) -> tuple[str | None, str | None]:
+    """(name, version) in the registry of an exported folder; (None, None) before registration."""
+    r = registration(folder)
+    return (None, None) if r is None else (r.get("name"), str(r.get("version")))
 
 
 def read_spec(folder: str) -> dict:

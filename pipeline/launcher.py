@@ -191,7 +191,7 @@ def _export_and_register(cfg: Config, prep: _Prepared, tracker, result) -> Pretr
     version = tracker.log_model(folder, cfg.tracking.model_name,
                                 tags={"run_id": tracker.run_id, "data.manifest_sha256": prep.tags["data.manifest_sha256"]})
     with open(os.path.join(folder, REGISTERED_FILE), "w") as f:
-        json.dump({"name": cfg.tracking.model_name, "version": str(version)}, f)
+        json.dump({"name": cfg.tracking.model_name, "version": str(version), "tracking_uri": storage.mask_secrets(tracker.uri)}, f)
     tracker.end("FINISHED")
     return PretrainResult(
         run_id=tracker.run_id,

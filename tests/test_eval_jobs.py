@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import html
 import json
+import logging
 import math
 import os
 import shutil
@@ -212,6 +213,41 @@ def test_champion_promotion_and_non_promotion(setup):
     run = client.get_run(r1.run_id)
     assert run.data.metrics["selection/value"] == run.data.metrics["selection/champion_value"]
     assert "challenger" in r1.describe()
+
+
+def test_a_version_of_another_store_is_not_decided_and_a_failed_decision_keeps_the_evaluation(setup, caplog):
+    """An export folder registered in another tracking store is evaluated as unregistered (no alias
+    moves, a warning says why); a decision the registry refuses comes after the evaluation is
+    written, and its error says where."""
+    from pipeline.paths import eval_dir
+    from pipeline.tracking import resolve_uri
+
+    cfg = setup.cfg
+    here = resolve_uri(cfg.tracking.uri)
+
+    def copy(name: str, version: str, store: str) -> str:
+        folder = os.path.join(setup.tmp, name)
+        shutil.copytree(setup.export, folder)
+        with open(os.path.join(folder, "registered.json"), "w") as f:
+            json.dump({"name": MODEL, "version": version, "tracking_uri": store}, f)
+        return folder
+
+    elsewhere = copy("export-elsewhere", "1", "sqlite:////somewhere/else.db")
+    with caplog.at_level(logging.WARNING, logger="pipeline.evaluate.model"):
+        r = evaluate(cfg, checkpoint=elsewhere, sources=["valset"], parallel=False, progress=False)
+    assert r.selection["version"] is None and r.selection["decision"] is None
+    assert f"registered as {MODEL} version 1 in another tracking store (sqlite:////somewhere/else.db, not {here})" \
+        in caplog.text
+
+    missing = copy("export-missing", "999", here)
+    out = eval_dir(cfg)
+    shutil.rmtree(out, ignore_errors=True)
+    with pytest.raises(UserError, match=f"version 999 at .* failed: .*; the evaluation itself is written to {out} "):
+        evaluate(cfg, checkpoint=missing, sources=["valset"], parallel=False, progress=False)
+    with open(os.path.join(out, "selection.json")) as f:
+        s = json.load(f)
+    assert s["version"] == "999" and s["decision"] is None and "version 999" in s["decision_error"]
+    assert os.path.isfile(os.path.join(out, "results.md")) and os.path.isfile(os.path.join(out, "intervals.json"))
 
 
 def test_the_gate_keeps_a_version_that_fails_it_from_champion(setup):

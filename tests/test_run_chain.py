@@ -42,6 +42,8 @@ def test_run_chain_ci_config(tmp_path):
     assert "mvtec-synth-heldout" in summary and "| pretrained |" in summary
     assert "mlflow ui --backend-store-uri sqlite:///" in summary
 
+    registered = json.loads((tmp_path / "runs/ci/export/registered.json").read_text())
+    assert registered["tracking_uri"] == f"sqlite:///{tmp_path}/mlflow.db"  # the store the version is in
     report = tmp_path / "runs/ci/report/report.html"
     html = report.read_text()
     assert "pretrained vs residual vs raw" in html and "loss.png" in html and "maps/" in html

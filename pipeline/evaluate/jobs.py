@@ -90,6 +90,9 @@ def evaluate(cfg: Config, model: str | None = None, checkpoint: str | None = Non
     out_dir = eval_dir(cfg)
     files = write_outputs(out_dir, rows, infos, cells, cfg, ref, spec, selection, interval_rows(scores))
     run_id, uri = log_run(cfg, ref, spec, rows, selection, out_dir)
+    if selection is not None and "decision_error" in selection:
+        raise UserError(f"{selection['decision_error']}; the evaluation itself is written to {out_dir} and "
+                        f"to MLflow run {run_id}")
     return EvalResult(rows=rows, out_dir=out_dir, files=files, references={f"{i.source}/{i.cls}": i.refs for i in infos},
                       model=ref.label, selection=selection, run_id=run_id, tracking_uri=uri)
 

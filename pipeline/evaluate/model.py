@@ -3,13 +3,17 @@ export of the config's own pretraining run; and, when known, its registered name
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
 from pipeline.config import Config
-from pipeline.export import SPEC_FILE, registered_as
+from pipeline.export import SPEC_FILE, registration
 from pipeline.paths import export_dir
 from shards.errors import UserError
+from shards.storage import mask_secrets
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -32,8 +36,24 @@ def resolve_model(cfg: Config, model: str | None, checkpoint: str | None) -> Mod
             raise UserError(f"--checkpoint {checkpoint!r} is not an exported projector folder (no spec.json there)")
         raise UserError(f"no exported model of run {cfg.name!r} at {folder}: run `adpretrain pretrain CONFIG` "
                         "first or pass --model models:/NAME@champion (or --checkpoint EXPORT_FOLDER)")
-    name, version = registered_as(folder)
-    return ModelRef(os.path.abspath(folder), os.path.abspath(folder), name, version)
+    return ModelRef(os.path.abspath(folder), os.path.abspath(folder), *_registered_here(cfg, folder))
+
+
+def _registered_here(cfg: Config, folder: str) -> tuple[str | None, str | None]:
+    """The registered (name, version) of an export folder, when it was registered in this config's
+    tracking store; a version of another store (a folder copied from elsewhere) is not decided on."""
+    from pipeline.tracking import resolve_uri
+
+    r = registration(folder)
+    if r is None:
+        return None, None
+    here = mask_secrets(resolve_uri(cfg.tracking.uri))
+    if r.get("tracking_uri", here) != here:
+        log.warning("%s was registered as %s version %s in another tracking store (%s, not %s): it is evaluated "
+                    "as an unregistered export, and no alias is moved", folder, r.get("name"), r.get("version"),
+                    r["tracking_uri"], here)
+        return None, None
+    return r.get("name"), str(r.get("version"))
 
 
 def _registered(cfg: Config, model: str) -> ModelRef:

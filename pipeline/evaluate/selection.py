@@ -19,6 +19,7 @@ import numpy as np
 from pipeline.config import Config, EvalSpec
 from pipeline.evaluate.intervals import LEVEL, Scores, split_interval
 from pipeline.evaluate.model import ModelRef
+from shards.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +80,8 @@ def _num(v: float | None) -> str:
 def select_model(cfg: Config, ref: ModelRef, rows: list[dict[str, Any]], decide: bool,
                  scores: Scores | None = None) -> dict | None:
     """The selection value of the evaluated model, its gate (with intervals given ``scores``) and,
-    with ``decide``, the decision on its registered version; None when the value is not available
-    on the val sources."""
+    with ``decide``, the decision on its registered version (``decision_error`` when the registry
+    could not take it); None when the value is not available on the val sources."""
     from pipeline.tracking import select_champion
 
     value = selection_value(rows, cfg.eval)
@@ -93,6 +94,9 @@ def select_model(cfg: Config, ref: ModelRef, rows: list[dict[str, Any]], decide:
     selection = {"metric": _name(cfg.eval), "new_value": value, "champion_value": None,
                  "version": ref.version, "decision": None, "gate": gate}
     if decide:
-        selection.update(select_champion(cfg.tracking, ref.version, cfg.eval.selection.key, value,
-                                         gate_failed=gate["failed"]))
+        try:
+            selection.update(select_champion(cfg.tracking, ref.version, cfg.eval.selection.key, value,
+                                             gate_failed=gate["failed"]))
+        except UserError as e:  # the evaluation is still written; jobs.evaluate raises after that
+            selection["decision_error"] = str(e)
     return selection
