@@ -4,6 +4,7 @@ and in tiles), camera effects, user errors and the command line."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import cv2
@@ -323,3 +324,28 @@ def test_configured_source_passes_the_new_settings(tmp_path: Path) -> None:
     synth.generate_source(spec)
     info = json.loads((tmp_path / "root" / synth.INFO_FILE).read_text())
     assert (info["family"], info["classes"], info["height"], info["seed"]) == ("eval", ["synth_wafer"], 32, 2)
+
+
+def test_a_changed_synth_section_is_refused_on_a_generated_root(tmp_path: Path) -> None:
+    """A root generated for one synth: section, then asked for other settings, fails naming what
+    differs (rather than the old data being used); the same section, or a root the generator did
+    not write, passes; nothing is deleted."""
+    from shards.synth.generator import generate_missing
+
+    root = tmp_path / "root"
+    base = dict(family="val", classes=1, normal=2, abnormal=1, size=40, seed=3)
+    spec = SourceSpec(name="v", layout="btad", root=str(root), split="val", synth=SynthSpec(**base))
+    assert generate_missing([spec]) == ["v"]
+    assert generate_missing([spec]) == []  # the same section: nothing to do
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    for change, said in [({"normal": 5}, "normal=2, but its synth: section asks for normal=5"),
+                         ({"seed": 4, "abnormal": 2}, "abnormal=1, seed=3, but its synth: section asks for abnormal=2, seed=4"),
+                         ({"defects": ["stain"]}, "defects=None, but its synth: section asks for defects=['stain']"),
+                         ({"classes": ["synth_paper"]}, "classes=['synth_weave'], but its synth: section asks for classes=['synth_paper']")]:
+        changed = spec.model_copy(update={"synth": SynthSpec(**{**base, **change})})
+        with pytest.raises(UserError, match=re.escape(f"source v: {root} holds synthetic data generated with {said}; "
+                                                      f"delete {root} (or set another root)")):
+            generate_missing([changed])
+    assert sorted(p for p in root.rglob("*") if p.is_file()) == files
+    (root / synth.INFO_FILE).unlink()  # the user's own data under a synth: section: taken as it is
+    generate_missing([spec.model_copy(update={"synth": SynthSpec(**{**base, "normal": 5})})])

@@ -258,8 +258,38 @@ def generate_source(spec: SourceSpec, progress: bool = False) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def check_generated(spec: SourceSpec) -> None:
+    """A root this generator wrote for ``spec.synth`` holds what the section asks for now: a changed
+    section (more images, another seed, ...) is refused, naming what differs, rather than training
+    or evaluating on the data of the old one. Roots without ``synth_info.json`` are the user's."""
+    s, path = spec.synth, storage.join(spec.root, INFO_FILE)
+    if s is None or not storage.exists(path):
+        return
+    info = json.loads(storage.read_bytes(path))
+    if info.get("generator") != "adpretrain synth":
+        return
+    want = {"layout": spec.layout, "abnormal": s.abnormal, "size": s.size, "height": s.height or s.size,
+            "seed": s.seed, "family": s.family, "views": s.views if spec.layout == "realiad" else 1}
+    if s.base_images is None:  # base images: their count (and so the classes and normal images) come from the folder
+        names = _class_list(s.classes, s.family, spec.layout, None, None)
+        chosen = chosen_defects(s.defects, s.family, names if s.abnormal else [])
+        want.update(classes=names, normal=s.normal, camera=s.camera, defects=list(chosen) if chosen is not None else None)
+    else:
+        want.update(base_images=s.base_images, base_mode=s.base_mode)
+    diff = [k for k, v in want.items() if info.get(k) != v]
+    if diff:
+        made = ", ".join(f"{k}={info.get(k)!r}" for k in diff)
+        asked = ", ".join(f"{k}={want[k]!r}" for k in diff)
+        raise UserError(f"source {spec.name}: {spec.root} holds synthetic data generated with {made}, but its synth: "
+                        f"section asks for {asked}; delete {spec.root} (or set another root) to generate it anew")
+
+
 def generate_missing(sources: list[SourceSpec], progress: bool = False) -> list[str]:
-    """Generate the synthetic data of every source that needs it; the names of those generated."""
+    """Generate the synthetic data of every source that needs it (checking the roots generated
+    before: :func:`check_generated`); the names of those generated."""
+    for s in sources:
+        if not needs_generating(s):
+            check_generated(s)
     made = [s for s in sources if needs_generating(s)]
     for s in made:
         generate_source(s, progress)
