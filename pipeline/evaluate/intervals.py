@@ -18,7 +18,7 @@ written out: a resample is a vector of counts per image, and the AUROC of a resa
 
 from __future__ import annotations
 
-from itertools import permutations
+from itertools import combinations
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
@@ -40,9 +40,9 @@ def win_matrix(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 def counts(idx: np.ndarray, n: int) -> np.ndarray:
     """(B, n) how often each of n items occurs in each row of (B, m) drawn indices."""
-    out = np.zeros((idx.shape[0], n))
-    np.add.at(out, (np.arange(idx.shape[0])[:, None], idx), 1.0)
-    return out
+    rows = idx.shape[0]
+    flat = (idx + n * np.arange(rows)[:, None]).ravel()
+    return np.bincount(flat, minlength=rows * n).reshape(rows, n).astype(np.float64)
 
 
 def resampled_auroc(wins: np.ndarray, idx_abnormal: np.ndarray, idx_normal: np.ndarray) -> np.ndarray:
@@ -103,10 +103,12 @@ def interval_rows(scores: Scores, seed: int = 0) -> list[dict[str, Any]]:
         groups.setdefault((split, source, method), []).append(kind)
     rows = []
     for key, kinds in groups.items():
-        for kind, other in permutations(kinds, 2):
+        for kind, other in combinations(kinds, 2):
             iv = _interval(scores, [key], kind, other, seed)
-            if iv["classes"]:
-                rows.append({"split": key[0], "source": key[1], "method": key[2], "kind": kind, "against": other, **iv})
+            if iv["classes"]:  # the reverse comparison is the same resamples with the sign flipped
+                mirror = {"classes": iv["classes"], "diff": -iv["diff"], "low": -iv["high"], "high": -iv["low"]}
+                rows += [{"split": key[0], "source": key[1], "method": key[2], "kind": a, "against": b, **v}
+                         for a, b, v in ((kind, other, iv), (other, kind, mirror))]
     return rows
 
 
