@@ -115,6 +115,9 @@ class EvalSpec(Strict):
     )
     coreset_ratio: float = Field(0.1, gt=0, le=1)
     padim_channels: int = Field(100, ge=1)
+    padim_epsilon: float = Field(0.01, gt=0, description="PaDiM's covariance regularisation: + epsilon v I")
+    padim_epsilon_scale: Literal["variance", "unit"] = Field(
+        "variance", description="v: the mean variance of the position's features (scale-free), or 1 (the original)")
     cflow: CFlowSpec = CFlowSpec()
     uniad: UniADSpec = UniADSpec()
     glass: GlassSpec = GlassSpec()

@@ -232,19 +232,21 @@ def test_patchcore_errors() -> None:
 # ---------------------------------------------------------------- PaDiM
 
 
-def test_padim_equals_direct() -> None:
+@pytest.mark.parametrize("scale", ["variance", "unit"])
+def test_padim_equals_direct(scale: str) -> None:
     g = torch.Generator().manual_seed(6)
-    train = [torch.randn(15, 4, 2, 3, generator=g), torch.randn(15, 5, 2, 3, generator=g)]
+    train = [torch.randn(15, 4, 2, 3, generator=g), torch.randn(15, 5, 2, 3, generator=g) * 3]
     test = [torch.randn(3, 4, 2, 3, generator=g) * 2, torch.randn(3, 5, 2, 3, generator=g) * 2]
-    pd = PaDiM(channels=6, seed=1).fit(train)
+    pd = PaDiM(channels=6, seed=1, epsilon=0.05, scale=scale).fit(train)
     keep = torch.randperm(9, generator=torch.Generator().manual_seed(1))[:6].sort().values.numpy()
     x = torch.cat(train, 1).double().numpy()[:, keep]
     t = torch.cat(test, 1).double().numpy()[:, keep]
     expected = np.zeros((3, 2, 3))
     for i in range(2):
         for j in range(3):
-            cov = np.cov(x[:, :, i, j], rowvar=False) + 0.01 * np.eye(6)
-            inv = np.linalg.inv(cov)
+            cov = np.cov(x[:, :, i, j], rowvar=False)
+            v = np.trace(cov) / 6 if scale == "variance" else 1.0
+            inv = np.linalg.inv(cov + 0.05 * v * np.eye(6))
             mu = x[:, :, i, j].mean(axis=0)
             for b in range(3):
                 d = t[b, :, i, j] - mu
@@ -254,7 +256,25 @@ def test_padim_equals_direct() -> None:
     torch.testing.assert_close(maps, to_image_maps(torch.from_numpy(expected), 12), atol=1e-4, rtol=1e-4)
 
 
+def test_padim_variance_scale_is_scale_free() -> None:
+    """With the variance scale, features times 100 score the same; with the unit scale of the original they do
+    not, and a single fit image (zero covariance) falls back to + epsilon I."""
+    g = torch.Generator().manual_seed(3)
+    train = [torch.randn(5, 12, 3, 3, generator=g)]  # fewer images than channels: the few-shot regime
+    test = [torch.randn(4, 12, 3, 3, generator=g) * 1.5]
+    for scale, same in (("variance", True), ("unit", False)):
+        a = PaDiM(channels=12, scale=scale).fit(train).patch_scores(test)
+        b = PaDiM(channels=12, scale=scale).fit([train[0] * 100]).patch_scores([test[0] * 100])
+        assert torch.allclose(a, b, rtol=1e-4) is same, scale
+    one = PaDiM(channels=12, epsilon=0.04).fit([train[0][:1]]).patch_scores(test)
+    torch.testing.assert_close(one, (test[0] - train[0][:1]).norm(dim=1) / 0.2, rtol=1e-4, atol=1e-5)
+
+
 def test_padim_errors() -> None:
+    with pytest.raises(ValueError, match="epsilon"):
+        PaDiM(epsilon=0)
+    with pytest.raises(ValueError, match="scale"):
+        PaDiM(scale="trace")
     with pytest.raises(RuntimeError, match="before fit"):
         PaDiM().predict([torch.randn(2, 4, 3, 3)], 8)
     pd = PaDiM(channels=3).fit([torch.randn(5, 4, 3, 3)])
@@ -268,12 +288,12 @@ def test_padim_errors() -> None:
 
 
 def test_make_method_from_config() -> None:
-    spec = EvalSpec(coreset_ratio=0.2, padim_channels=30, seed=4)
+    spec = EvalSpec(coreset_ratio=0.2, padim_channels=30, padim_epsilon=0.1, padim_epsilon_scale="unit", seed=4)
     assert isinstance(make_method("featurenorm", spec), FeatureNorm)
     pc = make_method("patchcore", spec)
     assert isinstance(pc, PatchCore) and pc.coreset_ratio == 0.2 and pc.seed == 4
     pd = make_method("padim", spec)
-    assert isinstance(pd, PaDiM) and pd.channels == 30 and pd.seed == 4
+    assert isinstance(pd, PaDiM) and (pd.channels, pd.seed, pd.epsilon, pd.scale) == (30, 4, 0.1, "unit")
     spec = EvalSpec(seed=5, cflow={"blocks": 3, "epochs": 2}, uniad={"hidden": 16, "heads": 2},
                     glass={"steps": 4, "r1": 0.2})
     cf, un, gl = (make_method(m, spec) for m in ("cflow", "uniad", "glass"))

@@ -39,7 +39,8 @@ def make_method(name: str, spec: EvalSpec) -> Method:
     if name == "patchcore":
         return PatchCore(coreset_ratio=spec.coreset_ratio, seed=spec.seed)
     if name == "padim":
-        return PaDiM(channels=spec.padim_channels, seed=spec.seed)
+        return PaDiM(channels=spec.padim_channels, seed=spec.seed, epsilon=spec.padim_epsilon,
+                     scale=spec.padim_epsilon_scale)
     learned = {"cflow": (CFlow, spec.cflow), "uniad": (UniAD, spec.uniad), "glass": (GLASS, spec.glass)}
     if name in learned:
         cls, budget = learned[name]

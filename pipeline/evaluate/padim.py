@@ -2,10 +2,20 @@
 
 The levels are concatenated along channels and a seeded random subset of `channels`
 channels is kept (all of them when there are fewer). At every grid position the normal
-training features give a mean and an unbiased covariance, regularised by + 0.01 I as in
-the original; a test patch scores sqrt((x - mu)^T S^-1 (x - mu)). The statistics are
-accumulated and inverted in float64 through a Cholesky factor S = L L^T, so the distance
-is ||L^-1 (x - mu)||.
+training features give a mean and an unbiased covariance S, regularised by + eps v I, and a
+test patch scores sqrt((x - mu)^T S^-1 (x - mu)). The statistics are accumulated and
+inverted in float64 through a Cholesky factor S = L L^T, so the distance is ||L^-1 (x - mu)||.
+
+``scale="variance"`` (the default) takes v as the mean variance of the position's features,
+so the score does not depend on the scale of the features; ``scale="unit"`` takes v = 1, the
+original's + 0.01 I. The original's constant suits ResNet features fitted on hundreds of
+images. With a few fit images the covariance has rank below the number of channels, and the
+score is mostly the distance outside the fitted span divided by sqrt(eps v). With v = 1 that
+distance is not normalised per position, and its weight changes with the scale of the
+features, so feature spaces of different scale (raw, residual, projected) are not
+compared on equal terms. Measured on the embedded default's val sources (12 fit images per
+class): raw / residual / pretrained image AUROC 0.644 / 0.596 / 0.645 with v = 1 and
+0.722 / 0.728 / 0.720 with the variance; eps from 0.01 to 1 changes them by at most 0.001.
 """
 
 from __future__ import annotations
@@ -19,17 +29,23 @@ from pipeline.evaluate.maps import check_features, image_scores, to_image_maps
 
 log = logging.getLogger(__name__)
 
-EPSILON = 0.01
+SCALES = ("variance", "unit")
 
 
 class PaDiM:
     """PaDiM over a list of feature levels (see the module docstring)."""
 
-    def __init__(self, channels: int = 100, seed: int = 0) -> None:
+    def __init__(self, channels: int = 100, seed: int = 0, epsilon: float = 0.01, scale: str = "variance") -> None:
         if channels < 1:
             raise ValueError(f"channels must be >= 1, got {channels}")
+        if not epsilon > 0:
+            raise ValueError(f"epsilon must be > 0, got {epsilon}")
+        if scale not in SCALES:
+            raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
         self.channels = channels
         self.seed = seed
+        self.epsilon = epsilon
+        self.scale = scale
         self.width: int | None = None  # channels of the concatenated levels at fit time
         self.index: Tensor | None = None
         self.mean: Tensor | None = None  # (P, d) float64, P = h*w positions
@@ -54,7 +70,12 @@ class PaDiM:
         self.mean = x.mean(dim=0)
         xc = (x - self.mean).transpose(0, 1)  # (P, N, d)
         cov = xc.transpose(1, 2) @ xc / max(n - 1, 1)
-        cov += EPSILON * torch.eye(d, dtype=cov.dtype, device=cov.device)
+        reg = torch.full((cov.shape[0], 1, 1), self.epsilon, dtype=cov.dtype, device=cov.device)
+        if self.scale == "variance":
+            # a position where every fit image has the same features (one fit image) keeps v = 1
+            v = cov.diagonal(dim1=1, dim2=2).mean(dim=1)
+            reg *= torch.where(v > 0, v, torch.ones_like(v))[:, None, None]
+        cov += reg * torch.eye(d, dtype=cov.dtype, device=cov.device)
         self.chol = torch.linalg.cholesky(cov)
         log.debug("padim: %d images, %d positions, %d channels", n, x.shape[1], d)
         return self

@@ -123,7 +123,8 @@ def method_tensors(name: str, method) -> tuple[dict[str, torch.Tensor], dict]:
         return {"memory": method.memory}, {"coreset_ratio": method.coreset_ratio, "seed": method.seed}
     if name == "padim":
         return ({"index": method.index, "mean": method.mean, "chol": method.chol},
-                {"channels": method.channels, "seed": method.seed, "width": method.width})
+                {"channels": method.channels, "seed": method.seed, "width": method.width,
+                 "epsilon": method.epsilon, "scale": method.scale})
     return {}, {}
 
 
@@ -139,7 +140,7 @@ def restore_method(state: InspectState, device: torch.device):
     if state.method == "patchcore":
         return PatchCore(coreset_ratio=p["coreset_ratio"], seed=p["seed"]).set_memory(t["memory"].to(device))
     if state.method == "padim":
-        m = PaDiM(channels=p["channels"], seed=p["seed"])
+        m = PaDiM(channels=p["channels"], seed=p["seed"], epsilon=p.get("epsilon", 0.01), scale=p.get("scale", "unit"))
         m.width, m.index = p["width"], t["index"]
         m.mean, m.chol = t["mean"].to(device), t["chol"].to(device)
         return m
