@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import logging
 import os
 from conftest import free_port
@@ -275,6 +276,11 @@ def test_register_and_champion_selection(spec: TrackingSpec, tmp_path: Path):
         assert mv.tags["adpretrain.run_id"] == tr.run_id and mv.tags["data.manifest_sha256"] == f"sha{i}"
         assert c.get_run(tr.run_id).data.tags["adpretrain.registered_model"] == f"{spec.model_name}/{versions[i]}"
     assert [versions[i] for i in (1, 2, 3)] == ["1", "2", "3"]
+    # before any selection there is no champion: the error lists the versions and names the other ways in
+    model = re.escape(spec.model_name)
+    with pytest.raises(UserError, match=rf"{model} has versions 1, 2, 3 \(a run whose version .* use "
+                                        rf"models:/{model}@challenger or models:/{model}/N\)$"):
+        load_registered(f"models:/{spec.model_name}@champion", tracking_uri=spec.uri)
 
     first = select_champion(spec, "1", "patchcore/pretrained/image_auroc", 0.80)
     assert first == {"decision": "champion", "new_value": 0.80, "champion_value": None, "version": "1",
@@ -300,8 +306,11 @@ def test_register_and_champion_selection(spec: TrackingSpec, tmp_path: Path):
     assert load_registered(f"models:/{spec.model_name}/3", tracking_uri=spec.uri, cache_dir=str(cache)) == folder
     by_alias = load_registered(f"models:/{spec.model_name}@challenger", tracking_uri=spec.uri, cache_dir=str(cache))
     assert json.loads((Path(by_alias) / "spec.json").read_text())["seed"] == 2
-    with pytest.raises(UserError, match="not found in the registry"):
+    with pytest.raises(UserError, match=rf"not found in the registry.*; {model} has versions 1, "
+                                        r"2 @challenger, 3 @champion$"):
         load_registered(f"models:/{spec.model_name}@nobody", tracking_uri=spec.uri, cache_dir=str(cache))
+    with pytest.raises(UserError, match=rf"version=7\) not found; {model} has versions 1, 2"):
+        load_registered(f"models:/{spec.model_name}/7", tracking_uri=spec.uri, cache_dir=str(cache))
     with pytest.raises(UserError, match="not an exported projector"):
         RunTracker.attach(spec, mv3.run_id).log_model(str(tmp_path), spec.model_name, tags={})
 

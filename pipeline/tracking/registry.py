@@ -60,12 +60,32 @@ def model_version(model_uri: str, tracking_uri: str) -> tuple[str, str] | None:
         mv = (c.get_model_version_by_alias(m["name"], m["alias"]) if m["alias"]
               else c.get_model_version(m["name"], m["version"]))
     except MlflowException as e:
-        raise _not_found(model_uri, uri, e) from None
+        held = _registered_versions(c, m["name"])
+        if m["alias"] == CHAMPION and held.startswith("; " + m["name"]):
+            held += (f" (a run whose version the model selection kept back, by its gate or a better champion, "
+                     f"ends with @{CHALLENGER}: use models:/{m['name']}@{CHALLENGER} or models:/{m['name']}/N)")
+        raise _not_found(model_uri, uri, e, held) from None
     return m["name"], str(mv.version)
 
 
-def _not_found(model_uri: str, uri: str, e: MlflowException) -> UserError:
-    return UserError(mask_secrets(f"model {model_uri} not found in the registry at {uri}: {e.message}", uri))
+def _registered_versions(c: MlflowClient, name: str) -> str:
+    """What the registry holds of ``name``, for an error message: its versions and their aliases."""
+    try:
+        versions = sorted(int(v.version) for v in c.search_model_versions(f"name = '{name}'"))
+        aliases = c.get_registered_model(name).aliases if versions else {}
+    except MlflowException:
+        return ""
+    if not versions:
+        return f"; the registry has no version of {name}"
+    by_version: dict[str, list[str]] = {}
+    for alias, version in aliases.items():
+        by_version.setdefault(str(version), []).append("@" + alias)
+    listed = ", ".join(" ".join([str(v), *sorted(by_version.get(str(v), []))]) for v in versions)
+    return f"; {name} has versions {listed}"
+
+
+def _not_found(model_uri: str, uri: str, e: MlflowException, held: str = "") -> UserError:
+    return UserError(mask_secrets(f"model {model_uri} not found in the registry at {uri}: {e.message.rstrip('.')}{held}", uri))
 
 
 def select_champion(spec: TrackingSpec, version: str, metric_name: str, value: float,
