@@ -102,11 +102,11 @@ def test_onnxruntime_reproduces_inspect_scores(inspect_data, fitted, method, tmp
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     maps, scores = session.run(["maps", "scores"], {"images": images})
     assert maps.shape == (len(rows), 64, 64) and scores.shape == (len(rows),)
-    np.testing.assert_allclose(scores, want, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(scores, want, atol=1e-4, rtol=1e-5)  # export-onnx's defaults
     np.testing.assert_allclose(maps.max(axis=(1, 2)), scores, atol=1e-6, rtol=0)
     for one in range(2):  # batch size 1, which the graph was not traced with
         (single,) = session.run(["scores"], {"images": images[one : one + 1]})
-        assert abs(float(single[0]) - want[one]) <= 1e-4
+        assert abs(float(single[0]) - want[one]) <= 1e-4 + 1e-5 * abs(want[one])
     meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
     state = load_state(str(state_dir))
     assert float(meta["adpretrain.threshold"]) == state.threshold and meta["adpretrain.method"] == method

@@ -64,7 +64,9 @@ def _export_parser(sub) -> None:
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--check", nargs="*", default=None, metavar="IMAGES_OR_DIRS",
                    help="images for the onnxruntime check (default: seeded random images)")
-    p.add_argument("--atol", type=float, default=1e-4, help="largest score difference to torch accepted")
+    p.add_argument("--atol", type=float, default=1e-4, help="largest score difference to torch accepted, "
+                   "plus --rtol times the largest score")
+    p.add_argument("--rtol", type=float, default=1e-5, help="see --atol (scores' scale depends on the method)")
     p.set_defaults(func=cmd_export_onnx)
 
 
@@ -173,7 +175,9 @@ def cmd_export_onnx(args) -> int:
     _show(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB; method {state.method}, threshold "
           f"{state.threshold:.6g}, input images (B, 3, {state.image_size}, {state.image_size}) in [0, 1])")
     _show(report.table())
-    if report.score_diff_graph > args.atol:
+    allowed = args.atol + args.rtol * report.score_max
+    if report.score_diff_graph > allowed:
         raise UserError(f"{path}: onnxruntime's scores differ from torch's by {report.score_diff_graph:.3g} "
-                        f"(> --atol {args.atol}); the export is not faithful, do not use it")
+                        f"(> --atol {args.atol} + --rtol {args.rtol} x the largest score {report.score_max:.3g}); "
+                        "the export is not faithful, do not use it")
     return 0

@@ -184,12 +184,13 @@ class CheckReport:
     map_diff_graph: float
     score_diff_inspect: float  # onnxruntime vs Inspector (the `inspect` path, the state's precision)
     bf16: bool
+    score_max: float  # the largest |score| of the torch graph: the scale the differences are read against
 
     def table(self) -> str:
         note = " (the state's backbone ran under bf16 autocast; the graph is float32)" if self.bf16 else ""
         return "\n".join([
             f"onnxruntime check on {self.images} {self.source}:",
-            f"  max |score - torch graph|   {self.score_diff_graph:.3g}",
+            f"  max |score - torch graph|   {self.score_diff_graph:.3g} (largest score {self.score_max:.3g})",
             f"  max |map - torch graph|     {self.map_diff_graph:.3g}",
             f"  max |score - inspect|       {self.score_diff_inspect:.3g}{note}",
         ])
@@ -226,4 +227,5 @@ def check_onnx(path: str, fx, state: InspectState, images: Tensor | None = None,
         score_diff_graph=float(np.abs(scores - t_scores.numpy()).max()),
         map_diff_graph=float(np.abs(maps - t_maps.numpy()).max()),
         score_diff_inspect=float(np.abs(scores - i_scores.numpy()).max()),
+        score_max=float(t_scores.abs().max()),
     )
