@@ -70,12 +70,11 @@ class PaDiM:
         self.mean = x.mean(dim=0)
         xc = (x - self.mean).transpose(0, 1)  # (P, N, d)
         cov = xc.transpose(1, 2) @ xc / max(n - 1, 1)
-        reg = torch.full((cov.shape[0], 1, 1), self.epsilon, dtype=cov.dtype, device=cov.device)
-        if self.scale == "variance":
-            # a position where every fit image has the same features (one fit image) keeps v = 1
-            v = cov.diagonal(dim1=1, dim2=2).mean(dim=1)
-            reg *= torch.where(v > 0, v, torch.ones_like(v))[:, None, None]
-        cov += reg * torch.eye(d, dtype=cov.dtype, device=cov.device)
+        v = torch.ones(cov.shape[0], dtype=cov.dtype, device=cov.device)
+        if self.scale == "variance":  # a position with no variance (one fit image) keeps v = 1
+            var = cov.diagonal(dim1=1, dim2=2).mean(dim=1)
+            v = torch.where(var > 0, var, v)
+        cov += self.epsilon * v[:, None, None] * torch.eye(d, dtype=cov.dtype, device=cov.device)
         self.chol = torch.linalg.cholesky(cov)
         log.debug("padim: %d images, %d positions, %d channels", n, x.shape[1], d)
         return self
