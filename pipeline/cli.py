@@ -46,8 +46,8 @@ def _overrides(args) -> list[str]:
 
 def _profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", action="store_true",
-                   help="profile the training loop (rank 0, train.profile.start/steps): trace and per-phase table "
-                   "in the run folder's profile/ and in MLflow")
+                   help="profile the training loop (rank 0, train.profile.start/steps): trace, per-phase and per-operator "
+                   "tables in the run folder's profile/ and in MLflow")
 
 
 def _cmd_build_shards(cfg, args) -> int:

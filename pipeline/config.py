@@ -123,7 +123,7 @@ class DeepSpeedSpec(Strict):
 
 class ProfileSpec(Strict):
     enabled: bool = Field(False, description="rank 0 records `steps` steps after `start` with torch.profiler: "
-                          "trace and per-phase table in the run folder's profile/ and in MLflow (--profile)")
+                          "trace, per-phase and per-operator tables in the run folder's profile/ and in MLflow (--profile)")
     start: int = Field(5, ge=0, description="steps run before the recorded ones (warm-up)")
     steps: int = Field(10, ge=1, description="steps recorded")
 

@@ -11,7 +11,9 @@ import torch
 import yaml
 
 from pipeline.config import ConfigError, load_config
-from pipeline.profiling import PHASES, STEP, LoopProfiler, phase, phase_markdown, phase_table
+import torch.distributed as dist
+
+from pipeline.profiling import PHASES, STEP, LoopProfiler, op_markdown, phase, phase_markdown, phase_table
 
 from test_selection import CI_CONFIG
 
@@ -38,6 +40,39 @@ def test_the_profiler_records_the_window_and_writes_the_trace_and_the_table(tmp_
     assert rows["backbone"]["ms_per_step"] > 0 and rows["losses"]["ms_per_step"] > 0
     assert rows["backward"]["ms_per_step"] == 0  # a phase the loop never entered
     assert (folder / "phases.md").read_text() == phase_markdown(table)
+
+
+def test_the_operator_table_splits_each_phase_and_places_other_threads_by_time(tmp_path):
+    folder = tmp_path / "profile"
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        prof = LoopProfiler(start=1, steps=2, folder=str(folder), device=torch.device("cpu"))
+        x = torch.randn(128, 128, requires_grad=True)
+        for _ in range(4):
+            with phase(STEP):
+                with phase("backbone"):
+                    y = torch.mm(x, x)
+                with phase("losses"):
+                    loss = y.tanh().sum()
+                    dist.all_reduce(torch.ones(1 << 16))  # gloo runs it on its own thread
+                with phase("backward"):
+                    loss.backward()
+            prof.step()
+        prof.close()
+    finally:
+        dist.destroy_process_group()
+    table = json.loads((folder / "ops.json").read_text())
+    groups = {g["phase"]: g for g in table}
+    assert [g["phase"] for g in table] == ["backbone", "losses", "losses (other threads)", "backward"]
+    ops = {p: {r["op"]: r["ms_per_step"] for r in g["ops"]} for p, g in groups.items()}
+    assert max(ops["backbone"], key=ops["backbone"].get) == "aten::mm"
+    assert {"aten::tanh", "aten::sum", "c10d::allreduce_", "(rest)"} <= set(ops["losses"])
+    assert "gloo:all_reduce" in ops["losses (other threads)"] and "(rest)" not in ops["losses (other threads)"]
+    assert {"MmBackward0", "TanhBackward0"} <= set(ops["backward"])  # the autograd wrapper's name shortened
+    for p in ("backbone", "losses", "backward"):  # the operators and the rest add up to the phase
+        assert sum(ops[p].values()) == pytest.approx(groups[p]["ms_per_step"]) and all(v >= 0 for v in ops[p].values())
+    assert (folder / "ops.md").read_text() == op_markdown(table)
+    assert "| backbone (" in op_markdown(table) and "| aten::mm |" in op_markdown(table)
 
 
 def test_a_window_never_reached_writes_nothing(tmp_path):

@@ -65,8 +65,11 @@ def test_run_chain_ci_config(tmp_path):
     ms = {r["phase"]: r["ms_per_step"] for r in table["phases"]}
     assert table["steps"] == 3 and all(ms[p] > 0 for p in PHASES if p != "logging"), ms
     assert (tmp_path / "runs/ci/profile/trace.json").stat().st_size > 10_000
-    assert {"profile/phases.md", "profile/trace.json"} <= {
+    assert {"profile/phases.md", "profile/ops.md", "profile/trace.json"} <= {
         a.path for a in client.list_artifacts(pre[0].info.run_id, "profile")}
+    ops = {g["phase"]: [r["op"] for r in g["ops"]] for g in json.loads((tmp_path / "runs/ci/profile/ops.json").read_text())}
+    assert any("conv" in op for op in ops["backbone"]), ops["backbone"]
+    assert "_AngleRowsBackward" in ops["backward"] and "gloo:all_gather" in ops["losses (other threads)"], ops
     assert pre[0].data.metrics["profile/backbone_ms"] == pytest.approx(ms["backbone"])
     versions = client.search_model_versions("name='adpretrain-projector'")
     assert len(versions) == 1
