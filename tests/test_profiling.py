@@ -42,25 +42,21 @@ def test_the_profiler_records_the_window_and_writes_the_trace_and_the_table(tmp_
     assert (folder / "phases.md").read_text() == phase_markdown(table)
 
 
-def test_the_operator_table_splits_each_phase_and_places_other_threads_by_time(tmp_path):
+def test_the_operator_table_splits_each_phase_and_places_other_threads_by_time(tmp_path, gloo_world):
     folder = tmp_path / "profile"
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        prof = LoopProfiler(start=1, steps=2, folder=str(folder), device=torch.device("cpu"))
-        x = torch.randn(128, 128, requires_grad=True)
-        for _ in range(4):
-            with phase(STEP):
-                with phase("backbone"):
-                    y = torch.mm(x, x)
-                with phase("losses"):
-                    loss = y.tanh().sum()
-                    dist.all_reduce(torch.ones(1 << 16))  # gloo runs it on its own thread
-                with phase("backward"):
-                    loss.backward()
-            prof.step()
-        prof.close()
-    finally:
-        dist.destroy_process_group()
+    prof = LoopProfiler(start=1, steps=2, folder=str(folder), device=torch.device("cpu"))
+    x = torch.randn(128, 128, requires_grad=True)
+    for _ in range(4):
+        with phase(STEP):
+            with phase("backbone"):
+                y = torch.mm(x, x)
+            with phase("losses"):
+                loss = y.tanh().sum()
+                dist.all_reduce(torch.ones(1 << 16), group=gloo_world)  # gloo runs it on its own thread
+            with phase("backward"):
+                loss.backward()
+        prof.step()
+    prof.close()
     table = json.loads((folder / "ops.json").read_text())
     groups = {g["phase"]: g for g in table}
     assert [g["phase"] for g in table] == ["backbone", "losses", "losses (other threads)", "backward"]
