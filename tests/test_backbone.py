@@ -13,9 +13,11 @@ import timm
 import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
+from timm.layers.conv2d_same import Conv2dSame
 from safetensors.torch import save_file
 
-from pipeline.backbone import build_backbone, fold_batchnorm
+import pipeline.backbone as backbone_mod
+from pipeline.backbone import StaticSameConv2d, build_backbone, fold_batchnorm, static_same_padding
 from pipeline.config import BackboneSpec, WeightsPackage
 from pipeline.transforms import normalize
 from pipeline.weights import _package_file, read_weights
@@ -86,6 +88,9 @@ def test_cnn_levels_are_timm_out_indices_resized_to_the_grid():
     assert [r.shape[-1] for r in raw] == [56, 28, 14, 7]
     out = ext(x)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in ext.modules())  # folded into the convolutions
+    # the four depthwise stride-2 convolutions up to 1/32 pad statically; the dense stem keeps timm's padding
+    assert sum(isinstance(m, StaticSameConv2d) for m in ext.modules()) == 4
+    assert sum(type(m) is Conv2dSame for m in ext.modules()) == 1
     convs = [m.weight for m in ext.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs if w.shape[-1] > 1)
     for o, e in zip(out, expected):
@@ -97,6 +102,7 @@ def test_cnn_levels_are_timm_out_indices_resized_to_the_grid():
     plain = build_backbone(spec(name="tf_efficientnet_lite0", levels=levels, weights={"package": LITE0}, bf16=False),
                            optimize=False)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules()) and plain.id == ext.id
+    assert not any(isinstance(m, StaticSameConv2d) for m in plain.modules())
     for o, e in zip(plain(x), expected):
         torch.testing.assert_close(o, e, rtol=1e-4, atol=1e-4)
 
@@ -132,6 +138,60 @@ def test_folded_batch_norms_give_the_float64_features_of_the_model_as_built():
     with torch.no_grad():
         for got, want in zip(levels(folded, x), levels(reference, x.double())):
             torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("kernel,stride,size,depthwise", [
+    (3, 2, 16, True), (5, 2, 16, True), (3, 2, 15, True), (3, 1, 12, True), (3, 2, 16, False), (5, 2, 17, False),
+    (4, 1, 10, True), (3, 3, 16, True),
+])
+def test_static_same_padding_gives_timms_output_without_padding_a_copy(kernel, stride, size, depthwise, monkeypatch):
+    torch.manual_seed(0)
+    c = 6
+    conv = Conv2dSame(c, c, kernel, stride, groups=c if depthwise else 1).double()
+    x = torch.randn(2, c, size, size + 1, dtype=torch.float64)
+    want = conv(x)
+    static = StaticSameConv2d(conv, (size, size + 1))
+    assert static.weight is conv.weight and "static_weight" not in static.state_dict()
+    other = torch.randn(1, c, size + 3, size, dtype=torch.float64)
+    want_other = conv(other)
+    monkeypatch.setattr(torch.nn.functional, "pad", lambda *a, **k: pytest.fail("padded a copy"))
+    got = static(x)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    monkeypatch.undo()
+    # another input size: timm's padding, the same output as timm's
+    torch.testing.assert_close(static(other), want_other, rtol=0, atol=0)
+
+
+def test_static_same_padding_replaces_what_gains_and_runs_timms_padding_off_the_cpu(monkeypatch):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        Conv2dSame(3, 8, 3, 2),                        # dense, on 33: 1 row before, 1 after: replaced
+        Conv2dSame(8, 8, 3, 2),                        # dense, on 17: 1 and 1: replaced
+        Conv2dSame(8, 8, 2, 1),                        # dense 2x2, on 9: 0 before, 1 after: stays timm's
+        Conv2dSame(8, 8, 3, 2, groups=8),              # depthwise, on 9: 1 and 1: replaced
+        Conv2dSame(8, 8, 3, 2, groups=8, dilation=2),  # dilated depthwise, on 5: 2 and 2: replaced
+        Conv2dSame(8, 8, 3, 1, groups=8, dilation=2),  # dilated, stride 1, on 3: 2 and 2: replaced
+    )
+    uneven = torch.nn.Sequential(
+        Conv2dSame(3, 8, 3, 2),                        # dense on 32: 0 before, 1 after: stays timm's
+        Conv2dSame(8, 8, 3, 2, groups=8),              # depthwise on 16: the kernel grows: replaced
+        Conv2dSame(8, 8, 3, 2, groups=8, dilation=2),  # dilated depthwise on 8, uneven: stays timm's
+    )
+    for net, x, kinds in [
+        (model, torch.randn(2, 3, 33, 33), "SSCSSS"),
+        (uneven, torch.randn(2, 3, 32, 32), "CSC"),
+    ]:
+        want = net(x)
+        assert static_same_padding(net, lambda m: m(x)) == kinds.count("S")
+        assert "".join("S" if isinstance(m, StaticSameConv2d) else "C" for m in net) == kinds
+        torch.testing.assert_close(net(x), want, rtol=1e-5, atol=1e-6)
+    # on another device the layer runs timm's padding (the grown kernel is a CPU choice)
+    calls = []
+    real = backbone_mod.conv2d_same
+    monkeypatch.setattr(backbone_mod, "conv2d_same", lambda *a, **k: calls.append(a[0].device.type) or real(*a, **k))
+    meta = uneven.to("meta")
+    assert meta(torch.randn(2, 3, 32, 32, device="meta")).shape == want.shape and calls == ["meta"]
 
 
 def test_a_batch_norm_its_convolution_does_not_feed_stays():
