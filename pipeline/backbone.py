@@ -98,12 +98,11 @@ class StaticSameConv2d(nn.Conv2d):
     than before (a stride of 2 on an even size), the kernel gets a zero first row and the padding
     becomes symmetric: the same products and some with zero (the same output in the tests). It
     keeps timm's weight and bias; the grown kernel is a buffer outside the state dict. Off the
-    CPU, or for another input size, it runs timm's padding. Measured on one CPU core in bf16 and
-    channels-last, alone on the machine: the embedded default's three depthwise stride-2
-    convolutions of EfficientNet-Lite0 on two views of 8 images took 10.4 ms with timm's padded
-    copies and 6.2 ms so, the whole backbone 65.1 against 60.0 ms (the same features). Its dense
-    stem, whose 3x3 kernel would grow to 4x4, took 1.9 ms padded and 2.4 ms grown, so it is left
-    to timm (see :func:`static_same_padding`).
+    CPU, or for another input size, it runs timm's padding. ``bench/backbone.py``: the embedded
+    default's three depthwise stride-2 convolutions of EfficientNet-Lite0 1.3-1.6x faster so, the
+    whole backbone 1.08x, on one core in bf16 and channels-last. Its dense stem, whose 3x3 kernel
+    would grow to 4x4, took 1.9 ms padded and 2.4 ms grown, so it is left to timm (see
+    :func:`static_same_padding`).
     """
 
     def __init__(self, conv: Conv2dSame, size: tuple[int, int]) -> None:
