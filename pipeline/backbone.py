@@ -97,32 +97,39 @@ class StaticSameConv2d(nn.Conv2d):
     SAME pads ``p`` rows in all, ``p // 2`` before and the rest after. Where that is one more after
     than before (a stride of 2 on an even size), the kernel gets a zero first row and the padding
     becomes symmetric: the same products and some with zero (the same output in the tests). It
-    keeps timm's weight and bias; the grown kernel is a buffer outside the state dict. Off the
-    CPU, or for another input size, it runs timm's padding. ``bench/backbone.py``: the embedded
-    default's three depthwise stride-2 convolutions of EfficientNet-Lite0 1.3-1.6x faster so, the
-    whole backbone 1.08x, on one core in bf16 and channels-last. Its dense stem, whose 3x3 kernel
-    would grow to 4x4, took 1.9 ms padded and 2.4 ms grown, so it is left to timm (see
-    :func:`static_same_padding`).
+    keeps timm's weight and bias, and grows the kernel again whenever the weight changes, so
+    nothing goes stale. Off the CPU, or for another input size, it runs timm's padding.
+    ``bench/backbone.py``: the embedded default's three depthwise stride-2 convolutions of
+    EfficientNet-Lite0 1.3-1.6x faster so, the whole backbone 1.08x, on one core in bf16 and
+    channels-last. Its dense stem, whose 3x3 kernel would grow to 4x4, took 1.9 ms padded and
+    2.4 ms grown, so it is left to timm (see :func:`static_same_padding`).
     """
 
     def __init__(self, conv: Conv2dSame, size: tuple[int, int]) -> None:
         super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0, conv.dilation,
-                         conv.groups, conv.bias is not None, device=conv.weight.device, dtype=conv.weight.dtype)
+                         conv.groups, conv.bias is not None, device="meta")
         self.weight, self.bias = conv.weight, conv.bias
         self.size = tuple(size)
-        before, extra = [], []
-        for n, k, st, d in zip(self.size, conv.kernel_size, conv.stride, conv.dilation):
-            p = get_same_padding(n, k, st, d)
-            before.append(p // 2)
-            extra.append(p - 2 * (p // 2))  # 0 or 1: rows padded after beyond those before
-        self.static_padding = (before[0] + extra[0], before[1] + extra[1])
-        grown = F.pad(conv.weight.detach(), (extra[1], 0, extra[0], 0))  # a zero first row / column
-        self.register_buffer("static_weight", grown, persistent=False)
+        pads = [get_same_padding(n, k, st, d) for n, k, st, d in zip(self.size, conv.kernel_size, conv.stride,
+                                                                     conv.dilation)]
+        self.extra = tuple(p % 2 for p in pads)  # rows (columns) padded after beyond those before: 0 or 1
+        self.static_padding = tuple(p // 2 + e for p, e in zip(pads, self.extra))
+        self._grown: tuple[tuple, Tensor] | None = None
+
+    def kernel(self) -> Tensor:
+        """The weight with a zero first row / column where the padding was uneven; grown again
+        whenever the weight changes (a load in place, a move, a cast)."""
+        eh, ew = self.extra
+        if not (eh or ew):
+            return self.weight
+        key = (self.weight.data_ptr(), self.weight._version, self.weight.dtype, self.weight.device)
+        if self._grown is None or self._grown[0] != key:
+            self._grown = key, F.pad(self.weight.detach(), (ew, 0, eh, 0))
+        return self._grown[1]
 
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type == "cpu" and tuple(x.shape[-2:]) == self.size:
-            return F.conv2d(x, self.static_weight, self.bias, self.stride, self.static_padding, self.dilation,
-                            self.groups)
+            return F.conv2d(x, self.kernel(), self.bias, self.stride, self.static_padding, self.dilation, self.groups)
         return conv2d_same(x, self.weight, self.bias, self.stride, (0, 0), self.dilation, self.groups)
 
 

@@ -151,16 +151,26 @@ def test_static_same_padding_gives_timms_output_without_padding_a_copy(kernel, s
     x = torch.randn(2, c, size, size + 1, dtype=torch.float64)
     want = conv(x)
     static = StaticSameConv2d(conv, (size, size + 1))
-    assert static.weight is conv.weight and "static_weight" not in static.state_dict()
+    assert static.weight is conv.weight and set(static.state_dict()) == {"weight", "bias"}
     other = torch.randn(1, c, size + 3, size, dtype=torch.float64)
     want_other = conv(other)
-    monkeypatch.setattr(torch.nn.functional, "pad", lambda *a, **k: pytest.fail("padded a copy"))
+    real_pad = torch.nn.functional.pad
+
+    def pad(t, *a, **k):  # the kernel may grow; the input is never copied
+        assert t.shape[-2:] == conv.weight.shape[-2:], "padded a copy of the input"
+        return real_pad(t, *a, **k)
+
+    monkeypatch.setattr(torch.nn.functional, "pad", pad)
     got = static(x)
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     monkeypatch.undo()
     # another input size: timm's padding, the same output as timm's
     torch.testing.assert_close(static(other), want_other, rtol=0, atol=0)
+    # weights loaded in place after the replacement: the grown kernel follows
+    with torch.no_grad():
+        conv.weight.mul_(-2.0)
+    torch.testing.assert_close(static(x), conv(x), rtol=0, atol=1e-12)
 
 
 def test_static_same_padding_replaces_what_gains_and_runs_timms_padding_off_the_cpu(monkeypatch):
