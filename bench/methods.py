@@ -3,7 +3,7 @@
     python -m bench.methods [--config configs/local.yaml] [--fit 20] [--test 32] [--threads 1] [--device cuda]
 
 The feature widths and grid come from the config's backbone (the embedded default:
-EfficientNet-Lite0 levels 2 and 3, widths 40 + 112 on a 16x16 grid), the budgets of the
+EfficientNet-Lite0 levels 1, 2 and 3, widths 24 + 40 + 112 on a 16x16 grid), the budgets of the
 learned methods from its ``eval`` section. Features are random (speed only, not quality):
 ``--fit`` normal images to fit on, ``--test`` images to score, maps at the config's image
 size. On the CPU, times are CPU seconds of this process with ``--threads`` torch threads (the
