@@ -157,12 +157,11 @@ def static_same_padding(model: nn.Module, run: Callable[[nn.Module], object]) ->
     for name, size in sizes.items():
         parent_name, _, child = name.rpartition(".")
         conv = model.get_submodule(name)
-        uneven = any(get_same_padding(n, k, st, d) % 2 for n, k, st, d in
-                     zip(size, conv.kernel_size, conv.stride, conv.dilation))
+        static = StaticSameConv2d(conv, size)
         depthwise = conv.groups > 1 and conv.groups == conv.in_channels
-        if uneven and (not depthwise or any(d != 1 for d in conv.dilation)):
+        if any(static.extra) and (not depthwise or any(d != 1 for d in conv.dilation)):
             continue
-        setattr(model.get_submodule(parent_name), child, StaticSameConv2d(conv, size))
+        setattr(model.get_submodule(parent_name), child, static)
         count += 1
     return count
 
